@@ -1,0 +1,12 @@
+"""raysegtrain: semantic-segmentation training on Ray Train, searched with Ray Tune, tracked in MLflow."""
+
+__version__ = "0.1.0"
+
+from .config import Config, load as load_config  # noqa: E402,F401
+
+
+def fit(config, **kwargs):
+    """Train with Ray Train; see `raysegtrain.train.fit`."""
+    from .train import fit as _fit
+
+    return _fit(config, **kwargs)
