@@ -1,0 +1,174 @@
+"""`raysegtrain` command line. User mistakes print one line `error: ...` and exit 2; no tracebacks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import TrainingError, UserError
+
+
+def _config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.yaml] [key=value ...]`: the first item is a config file unless it is an override."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _load(items: list[str]):
+    from . import config
+
+    path, overrides = _config_and_overrides(items)
+    return config.load(path, overrides)
+
+
+# ------------------------------------------------------------------------------------------------------ commands
+def cmd_fit(args) -> int:
+    from rich.console import Console
+
+    from .train import fit
+
+    cfg = _load(args.config)
+    console = Console(stderr=True)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    s = cfg.scaling
+    console.print(f"[bold]raysegtrain fit[/] {cfg.model.arch}/{cfg.model.encoder} on "
+                  f"{cfg.data.root or 'the embedded synthetic ' + cfg.data.synthetic.variant + ' dataset'}; "
+                  f"{s.num_workers} worker(s), batch {cfg.train.batch_size} per worker = "
+                  f"{cfg.train.batch_size * s.num_workers} global, {cfg.train.epochs} epochs")
+    result = fit(cfg, resume=args.resume, address=args.address, verbose=args.verbose,
+                 progress=not args.no_progress, console=console)
+    best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
+    console.print(f"[bold green]done[/] run {result.run_name}: best {result.monitor} {best}")
+    console.print(f"  best checkpoint: {result.best_checkpoint}")
+    if result.mlflow_run_id:
+        console.print(f"  MLflow run: {result.mlflow_run_id} ({result.tracking_uri})")
+        console.print("  open the UI: raysegtrain ui   (then the runs table link it prints)")
+    return 0
+
+
+def cmd_data_synth(args) -> int:
+    from .config import SyntheticConfig
+    from .data.synthetic import generate
+
+    syn = SyntheticConfig(variant=args.variant, size=args.size, num_train=args.num_train, num_val=args.num_val,
+                          num_test=args.num_test, seed=args.seed)
+    out = generate(Path(args.out), syn)
+    print(f"wrote {syn.num_train + syn.num_val + syn.num_test} images to {out}; train with: "
+          f"raysegtrain fit data.root={out}" + (" data.num_classes=4" if syn.variant == "multiclass" else ""))
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from .data.check import check_dataset
+    from .data.dataset import resolve_root
+
+    cfg = _load(args.config)
+    problems = check_dataset(cfg.data)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{len(problems)} problem(s) in {resolve_root(cfg.data)}", file=sys.stderr)
+        return 2
+    print(f"ok: {resolve_root(cfg.data)}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import describe_defaults
+
+    if args.defaults:
+        print(describe_defaults())
+    else:
+        print(_load(args.config).to_yaml(), end="")
+    return 0
+
+
+def cmd_ui(args) -> int:
+    import subprocess
+
+    from . import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(args.experiment)
+    link = tracking.runs_table_url(args.host, args.port, exp.experiment_id) if exp else f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri}\n  runs table: {link}\n  (Ctrl-C stops it)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+# ------------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raysegtrain", description="Semantic-segmentation training on Ray, tracked in "
+                                                                "MLflow.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"raysegtrain {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="train a model with Ray Train (DDP over workers)")
+    f.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]",
+                   help="optional YAML config, then dotted overrides such as model.arch=fpn optim.lr=3e-4")
+    f.add_argument("--resume", metavar="NAME", help="continue the interrupted run NAME from its latest checkpoint")
+    f.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    f.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    f.set_defaults(func=cmd_fit)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write the embedded synthetic defect dataset as an ordinary dataset")
+    s.add_argument("out", help="output folder (must not exist or be empty)")
+    s.add_argument("--variant", choices=["binary", "multiclass"], default="binary")
+    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--num-train", type=int, default=160)
+    s.add_argument("--num-val", type=int, default=40)
+    s.add_argument("--num-test", type=int, default=40)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_synth)
+    c = dsub.add_parser("check", help="find every problem in a dataset before training (exit 2 if any)")
+    c.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    c.set_defaults(func=cmd_data_check)
+
+    g = sub.add_parser("config", help="print the resolved config, or every default with its meaning")
+    g.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    g.add_argument("--defaults", action="store_true", help="every key, its default and what it means")
+    g.set_defaults(func=cmd_config)
+
+    u = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--tracking-uri", default=None)
+    u.add_argument("--experiment", default="raysegtrain")
+    u.set_defaults(func=cmd_ui)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except TrainingError as e:
+        print(f"error: training failed: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

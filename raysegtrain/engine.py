@@ -1,0 +1,550 @@
+"""The shared segmentation loop: data → model → loss → optimizer → metrics → checkpoint.
+
+`SegmentationTrainer` knows nothing of Ray, Tune, MLflow or the CLI. Hyperparameters come from the typed config and
+are plain attributes; each stage is a small method a subclass may override (nnU-Net's style). Reporting,
+checkpointing and tracking attach as `Hook`s (Detectron2's style). Distribution is torch's own: when a process group
+is initialised the trainer shards data by rank and all-reduces validation statistics; the caller may pass
+`wrap_model` (e.g. Ray's `prepare_model`) to wrap the model in DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from .config import Config
+from .errors import TrainingError
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------- hooks
+@dataclass
+class StepInfo:
+    epoch: int  # 0-based epoch in progress
+    step: int  # 1-based batch index within the epoch
+    steps: int  # batches in this epoch
+    loss: torch.Tensor  # this batch's loss, still on the device (read it with .item() only when needed)
+    images: int  # images this step, all ranks together
+    lr: float
+
+
+class Hook:
+    """Behaviour attached to the loop. Every method runs on every rank; check `trainer.is_main` where it matters."""
+
+    trainer: "SegmentationTrainer"
+
+    def before_train(self) -> None: ...
+
+    def before_epoch(self) -> None: ...
+
+    def after_step(self, info: StepInfo) -> None: ...
+
+    def after_epoch(self, metrics: dict[str, float]) -> None:
+        """Called once per epoch after validation (when it ran) with everything reported for that epoch."""
+
+    def after_train(self) -> None: ...
+
+
+class StopTraining(Exception):
+    """A hook may raise this to end training cleanly after the current epoch."""
+
+
+# ---------------------------------------------------------------------------------------------------- distributed
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ShardSampler(Sampler[int]):
+    """Every index exactly once across ranks (rank r takes r, r+W, ...): no padding, so distributed validation
+    statistics equal single-process ones."""
+
+    def __init__(self, length: int, rank: int, world: int):
+        self.indices = list(range(rank, length, world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _reseed_transform(dataset, seed: int) -> None:
+    # Albumentations' Compose keeps its own RNG, independent of numpy/torch: seed it explicitly so that an epoch's
+    # augmentation depends only on (seed, epoch, rank, worker) and a resumed run repeats it exactly.
+    transform = getattr(dataset, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed % 2**32)
+
+
+def _seed_loader_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    _reseed_transform(info.dataset, info.seed)
+    np.random.seed(info.seed % 2**32)
+    random.seed(info.seed)
+
+
+# --------------------------------------------------------------------------------------------------------- trainer
+class SegmentationTrainer:
+    def __init__(self, cfg: Config, hooks: Sequence[Hook] = (), *, device: torch.device | str | None = None,
+                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 resume_state: dict | None = None):
+        self.cfg = cfg
+        self.rank, self.world_size = rank_and_world()
+        self.is_main = self.rank == 0
+        self.device = torch.device(device) if device is not None else _default_device()
+        self._wrap_model = wrap_model or (lambda m: m)
+        self.hooks: list[Hook] = []
+        for h in hooks:
+            self.register(h)
+
+        # hyperparameters as plain attributes (override in a subclass or set before `fit`)
+        t = cfg.train
+        self.epochs = t.epochs
+        self.batch_size = t.batch_size
+        self.grad_accum = t.grad_accum
+        self.grad_clip = t.grad_clip
+        self.monitor = t.monitor
+        self.monitor_mode = t.monitor_mode
+        self.patience = t.early_stopping.patience
+        self.min_delta = t.early_stopping.min_delta
+        self.seed = t.seed
+        self.amp_dtype = resolve_amp(t.amp, self.device)
+        self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.device.type == "cuda")
+        self.nan_check_every = 1 if self.device.type == "cpu" else 25
+
+        # state that a checkpoint carries
+        self.epoch = 0  # epochs completed
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.bad_epochs = 0
+        self.history: list[dict[str, float]] = []
+        self.stop_reason: str | None = None
+
+        self.setup()
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+
+    def register(self, hook: Hook) -> None:
+        hook.trainer = self
+        self.hooks.append(hook)
+
+    # ------------------------------------------------------------------------------------------------ building
+    def setup(self) -> None:
+        seed_everything(self.seed, deterministic=self.cfg.train.deterministic)
+        self.train_set, self.val_set = self.build_datasets()
+        self.train_loader, self.val_loader = self.build_loaders()
+        self.model = self.build_model()
+        self.encoder_frozen = False
+        self.optimizer = self.build_optimizer()
+        self.steps_per_epoch = self.batches_per_epoch()
+        self.schedule = self.build_schedule()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.loss_fn = self.build_loss().to(self.device)
+        self.meter = self.build_meter()
+        self.set_encoder_frozen(self.cfg.model.freeze_encoder_epochs > 0)
+
+    def build_datasets(self):
+        from .data.dataset import build_dataset
+
+        return build_dataset(self.cfg.data, self.cfg.data.train_split, train=True), \
+            build_dataset(self.cfg.data, self.cfg.data.val_split, train=False)
+
+    def loader_workers(self) -> int:
+        w = self.cfg.data.loader_workers
+        if w != "auto":
+            return int(w)
+        if self.device.type != "cuda":
+            return 0
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+        return max(2, min(16, (os.cpu_count() or 2) // max(1, local) - 1))
+
+    def build_loaders(self) -> tuple[DataLoader, DataLoader]:
+        workers = self.loader_workers()
+        self._loader_gen = torch.Generator()
+        drop_last = len(self.train_set) >= self.batch_size * self.world_size * 2
+        self.train_sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
+                                                shuffle=True, seed=self.seed, drop_last=drop_last)
+        common = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
+                      worker_init_fn=_seed_loader_worker if workers else None,
+                      prefetch_factor=4 if workers else None, generator=self._loader_gen)
+        train = DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.train_sampler,
+                           drop_last=drop_last, **common)
+        val = DataLoader(self.val_set, batch_size=self.cfg.train.val_batch_size or self.batch_size,
+                         sampler=ShardSampler(len(self.val_set), self.rank, self.world_size), **common)
+        return train, val
+
+    def batches_per_epoch(self) -> int:
+        n = len(self.train_loader)
+        cap = self.cfg.train.max_steps_per_epoch
+        n = min(n, cap * self.grad_accum) if cap else n
+        return max(1, math.ceil(n / self.grad_accum))
+
+    def build_model(self) -> torch.nn.Module:
+        from .model import build_model
+
+        model = build_model(self.cfg).to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.module = model  # the bare model; self.model may be a DDP wrapper around it
+        return model
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        from .model import param_groups
+
+        o = self.cfg.optim
+        groups = param_groups(self.module, o.lr, o.encoder_lr_mult)
+        if o.name == "sgd":
+            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                   weight_decay=o.weight_decay)
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+    def build_schedule(self):
+        from .schedules import LRSchedule
+
+        return LRSchedule(self.optimizer, self.cfg, self.steps_per_epoch)
+
+    def build_loss(self) -> torch.nn.Module:
+        from .data.dataset import class_weights
+        from .losses import build_loss
+
+        return build_loss(self.cfg, class_weights(self.cfg.data))
+
+    def build_meter(self):
+        from .metrics import ConfusionMeter
+
+        d = self.cfg.data
+        return ConfusionMeter(d.num_classes, ignore_index=d.ignore_index, binary=d.binary,
+                              threshold=self.cfg.train.threshold, class_names=d.names())
+
+    # -------------------------------------------------------------------------------------------- encoder freeze
+    def set_encoder_frozen(self, frozen: bool) -> None:
+        """Freeze or unfreeze the encoder. DDP registers only trainable parameters when it is built, so the model is
+        (re)wrapped after every change."""
+        from .model import set_encoder_trainable
+
+        if frozen != self.encoder_frozen or not hasattr(self, "_wrapped"):
+            set_encoder_trainable(self.module, not frozen)
+            self.encoder_frozen = frozen
+            self.model = self._wrap_model(self.module)
+            self._wrapped = True
+
+    # ------------------------------------------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        self._call("before_train")
+        try:
+            while self.epoch < self.epochs and self.stop_reason is None:
+                self.set_encoder_frozen(self.epoch < self.cfg.model.freeze_encoder_epochs)
+                self._call("before_epoch")
+                metrics = self.train_epoch()
+                if (self.epoch + 1) % self.cfg.train.val_every == 0 or self.epoch + 1 == self.epochs:
+                    metrics.update(self.validate())
+                self.epoch += 1
+                metrics["epoch"] = self.epoch
+                self.update_best(metrics)
+                metrics.update(self.best_metrics())
+                self.history.append(metrics)
+                try:
+                    self._call("after_epoch", metrics)
+                except StopTraining as stop:
+                    self.stop_reason = str(stop) or "stopped by a hook"
+            if self.stop_reason is None:
+                self.stop_reason = "completed"
+        finally:
+            self._call("after_train")
+        return self.summary()
+
+    def train_epoch(self) -> dict[str, float]:
+        self.model.train()
+        if self.encoder_frozen:
+            self._encoder_eval()
+        self.train_sampler.set_epoch(self.epoch)
+        epoch_seed = self.seed * 100_003 + self.epoch * 1009 + self.rank
+        torch.manual_seed(epoch_seed)  # dropout etc.: an epoch's randomness depends only on (seed, epoch, rank)
+        self._loader_gen.manual_seed(epoch_seed)
+        _reseed_transform(self.train_set, epoch_seed)
+
+        max_batches = self.steps_per_epoch * self.grad_accum
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
+        batches = images = 0
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(self.train_loader):
+            if i >= max_batches:
+                break
+            x, y = self.to_device(batch)
+            stepping = (i + 1) % self.grad_accum == 0 or i + 1 == max_batches or i + 1 == len(self.train_loader)
+            sync = nullcontext() if stepping or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                loss = self.training_step(x, y)
+                self.scaler.scale(loss / self.grad_accum).backward()
+            if stepping:
+                self.optimizer_step()
+            loss = loss.detach()
+            loss_sum += loss
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i + 1, first_bad)
+            batches += 1
+            images += x.shape[0] * self.world_size
+            if batches % self.nan_check_every == 0:
+                self._raise_if_bad(first_bad)
+            self._call("after_step", StepInfo(self.epoch, batches, min(max_batches, len(self.train_loader)), loss,
+                                              x.shape[0] * self.world_size, self.current_lr()))
+        self._raise_if_bad(first_bad)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        train_loss = self._all_reduce_mean(loss_sum, batches)
+        return {"train_loss": train_loss, "lr": self.current_lr(), "epoch_time_s": elapsed,
+                "images_per_s": images / elapsed if elapsed > 0 else float("nan")}
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(x)
+        loss, _ = self.loss_fn(logits.float(), y)
+        return loss
+
+    def optimizer_step(self) -> None:
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step_batch()
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        self.meter.reset()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        count = 0
+        for batch in self.val_loader:
+            x, y = self.to_device(batch)
+            with self.autocast():
+                logits = self.model(x)
+            logits = logits.float()
+            loss, _ = self.loss_fn(logits, y)
+            loss_sum += loss.double() * x.shape[0]
+            count += x.shape[0]
+            self.meter.update(logits, y)
+        self.meter.all_reduce()
+        metrics = {"val_loss": self._all_reduce_mean(loss_sum, count)}
+        metrics.update(self.meter.compute())
+        self.schedule.step_epoch(metrics.get(self.monitor))
+        return metrics
+
+    @torch.no_grad()
+    def visual_samples(self, n: int) -> dict[str, np.ndarray]:
+        """The first N validation images with masks and predictions, plus the split's confusion matrix (from the
+        last `validate`), for the figures a tracker draws."""
+        from .plots import to_display
+
+        self.model.eval()
+        images, masks, preds = [], [], []
+        for i in range(min(n, len(self.val_set))):
+            item = self.val_set[i]
+            x = item["image"].unsqueeze(0).to(self.device)
+            with self.autocast():
+                logits = self.model(x).float()
+            preds.append(self.meter.predict(logits)[0].cpu().numpy())
+            images.append(item["image"].numpy())
+            masks.append(item["mask"].numpy())
+        return {"images": to_display(np.stack(images)) if images else np.zeros((0, 1, 1, 3), np.uint8),
+                "masks": np.stack(masks) if masks else np.zeros((0, 1, 1), np.int64),
+                "preds": np.stack(preds) if preds else np.zeros((0, 1, 1), np.int64),
+                "confusion": self.meter.confusion_matrix()}
+
+    # ------------------------------------------------------------------------------------------------- helpers
+    def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        x = batch["image"].to(self.device, non_blocking=True)
+        y = batch["mask"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[-1]["lr"])
+
+    def _encoder_eval(self) -> None:
+        encoder = getattr(self.module, "encoder", None)
+        if encoder is not None:
+            encoder.eval()  # frozen BatchNorm keeps its running statistics
+
+    def _all_reduce_mean(self, total: torch.Tensor, count: int) -> float:
+        t = torch.stack([total.double(), torch.tensor(float(count), device=total.device, dtype=torch.float64)])
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+    def _raise_if_bad(self, first_bad: torch.Tensor) -> None:
+        step = int(first_bad)
+        if step >= 0:
+            raise TrainingError(f"non-finite loss at epoch {self.epoch + 1}, step {step} (lower optim.lr, set "
+                                f"train.grad_clip, or train.amp=off)")
+
+    def _call(self, name: str, *args) -> None:
+        for h in self.hooks:
+            getattr(h, name)(*args)
+
+    # ----------------------------------------------------------------------------------------- best / stopping
+    def is_improvement(self, value: float | None) -> bool:
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best_value is None:
+            return True
+        if self.monitor_mode == "max":
+            return value > self.best_value + self.min_delta
+        return value < self.best_value - self.min_delta
+
+    def update_best(self, metrics: dict[str, float]) -> None:
+        """Track the monitored metric; sets `stop_reason` when early stopping triggers."""
+        if self.monitor not in metrics:
+            return  # no validation this epoch
+        value = metrics[self.monitor]
+        metrics["is_best"] = float(self.is_improvement(value))
+        if metrics["is_best"]:
+            self.best_value, self.best_epoch, self.bad_epochs = float(value), self.epoch, 0
+            return
+        self.bad_epochs += 1
+        if self.patience is not None and self.bad_epochs >= max(self.patience, 0) and self.epoch < self.epochs:
+            self.stop_reason = (f"early stopping: {self.monitor} did not improve for {self.bad_epochs} "
+                                f"epoch(s) (best {self.best_value} at epoch {self.best_epoch})")
+
+    def best_metrics(self) -> dict[str, float]:
+        if self.best_value is None:
+            return {}
+        return {f"best_{self.monitor}": self.best_value, "best_epoch": float(self.best_epoch)}
+
+    def summary(self) -> dict[str, Any]:
+        return {"epochs": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
+                "monitor": self.monitor, "stop_reason": self.stop_reason,
+                "last": self.history[-1] if self.history else {}}
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "metrics": self.history[-1] if self.history else {},
+            "history": self.history,
+            "config": self.cfg.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch = int(state["epoch"])
+        self.best_value = state.get("best_value")
+        self.best_epoch = state.get("best_epoch")
+        self.bad_epochs = int(state.get("bad_epochs", 0))
+        self.history = list(state.get("history", []))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
+    """Write `state` to DIRECTORY/checkpoint.pt atomically (tmp file, then rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CHECKPOINT_FILE
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint file, or DIRECTORY/checkpoint.pt, with `weights_only=True` (safe for untrusted files)."""
+    from .errors import UserError
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / CHECKPOINT_FILE
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
+        raise UserError(f"cannot load checkpoint {p}: {str(e).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{p} is not a raysegtrain checkpoint (no 'model' entry)")
+    return state
+
+
+class LocalCheckpointHook(Hook):
+    """Checkpoints for in-process training: DIRECTORY/last and DIRECTORY/best (by the monitored metric)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+
+    def after_epoch(self, metrics: dict[str, float]) -> None:
+        if not self.trainer.is_main:
+            return
+        state = self.trainer.state_dict()
+        save_checkpoint(state, self.directory / "last")
+        if metrics.get("is_best"):
+            save_checkpoint(state, self.directory / "best")
+
+
+# --------------------------------------------------------------------------------------------------- utilities
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or setting == "off":
+        return None
+    if setting == "fp16":
+        return torch.float16
+    if setting == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def train_local(cfg: Config, out_dir: str | Path, hooks: Iterable[Hook] = (), resume: bool = False,
+                device: str | None = None) -> dict[str, Any]:
+    """Train in this process (no Ray): checkpoints in OUT_DIR/{best,last}. Used by tests and as the simplest API."""
+    out_dir = Path(out_dir)
+    state = load_checkpoint(out_dir / "last") if resume else None
+    trainer = SegmentationTrainer(cfg, [*hooks, LocalCheckpointHook(out_dir)], device=device, resume_state=state)
+    return trainer.fit()

@@ -1,0 +1,312 @@
+"""`fit`: the shared loop in a Ray Train `TorchTrainer` (DDP over N workers), tracked in MLflow from the driver's node.
+
+Driver side: validate everything the user gave (before any worker starts), pick the run name, open the MLflow run,
+start Ray Train, show progress, close the run with its artifacts. Worker side (`train_loop_per_worker`): build the
+`SegmentationTrainer` with Ray's device and DDP wrapper and report every epoch with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import preflight, tracking
+from .config import Config
+from .engine import Hook, SegmentationTrainer, StepInfo, load_checkpoint, save_checkpoint
+from .errors import ConfigError, ResourceError, TrainingError, UserError
+
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, UserCallback
+from ray.train import RunConfig as RayRunConfig
+from ray.train import ScalingConfig as RayScalingConfig
+from ray.train.torch import TorchTrainer
+
+
+@dataclass
+class FitResult:
+    run_name: str
+    monitor: str
+    best_value: float | None
+    best_checkpoint: str | None
+    last_checkpoint: str | None
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    path: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------- worker side
+class RayReportHook(Hook):
+    """Every epoch: `ray.train.report` on every rank; rank 0 attaches the checkpoint (and figure data)."""
+
+    def __init__(self, num_overlays: int):
+        self.num_overlays = num_overlays
+
+    def after_epoch(self, metrics: dict[str, float]) -> None:
+        t = self.trainer
+        report = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        worst = -math.inf if t.monitor_mode == "max" else math.inf
+        score = report.get(t.monitor, worst)
+        report["checkpoint_score"] = score if math.isfinite(score) else worst
+        if not t.is_main:
+            ray.train.report(report, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix="raysegtrain-ckpt-") as d:
+            save_checkpoint(t.state_dict(), d)
+            if "val_loss" in metrics and self.num_overlays:
+                from .plots import VIZ_FILE
+
+                np.savez_compressed(Path(d) / VIZ_FILE, **t.visual_samples(self.num_overlays))
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+
+
+class ProgressHook(Hook):
+    """Rank 0 sends step and epoch progress to the driver through a Ray queue (at most every 0.5 s per step)."""
+
+    def __init__(self, queue, interval_s: float = 0.5):
+        self.queue = queue
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def _send(self, item) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except Exception:  # the driver's display is best-effort: never fail training over it
+            pass
+
+    def before_epoch(self) -> None:
+        if self.trainer.is_main:
+            t = self.trainer
+            steps = min(len(t.train_loader), t.steps_per_epoch * t.grad_accum)
+            self._send(("epoch_start", t.epoch, t.epochs, steps))
+
+    def after_step(self, info: StepInfo) -> None:
+        import time
+
+        now = time.monotonic()
+        if self.trainer.is_main and (now - self._last >= self.interval_s or info.step == info.steps):
+            self._last = now
+            self._send(("step", info.epoch, info.step, info.steps, float(info.loss), info.lr))
+
+    def after_epoch(self, metrics: dict[str, float]) -> None:
+        if self.trainer.is_main:
+            self._send(("epoch_end", dict(metrics)))
+
+
+def train_loop_per_worker(loop_config: dict) -> dict:
+    import ray.train.torch
+
+    cfg = Config.model_validate(loop_config["config"])
+    device = ray.train.torch.get_device()
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = load_checkpoint(d, map_location="cpu")
+    hooks: list[Hook] = [RayReportHook(cfg.tracking.num_overlays)]
+    if loop_config.get("progress") is not None:
+        hooks.insert(0, ProgressHook(loop_config["progress"]))
+    trainer = SegmentationTrainer(cfg, hooks, device=device, wrap_model=ray.train.torch.prepare_model,
+                                  resume_state=state)
+    return trainer.fit()
+
+
+# ------------------------------------------------------------------------------------------------- driver side
+class MLflowEpochLogger(UserCallback):
+    """Runs in Ray Train's controller, which Ray pins to the driver's node: each epoch's metrics into one MLflow run."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri = uri
+        self.run_id = run_id
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if metrics:
+            m = metrics[0]
+            tracking.log_metrics(tracking.client(self.uri), self.run_id, m, step=int(m.get("epoch", 0)))
+
+
+def new_run_name() -> str:
+    return "fit-" + datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def storage_root(cfg: Config) -> str:
+    s = cfg.run.storage_path
+    return s if "://" in s else str(Path(s).expanduser().resolve())
+
+
+def run_exists(storage: str, name: str) -> bool:
+    if "://" in storage:
+        import pyarrow.fs
+
+        fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+        return fs.get_file_info(f"{base}/{name}").type != pyarrow.fs.FileType.NotFound
+    return (Path(storage) / name).exists()
+
+
+def plan_run_name(cfg: Config, resume: str | None) -> str:
+    """A new run never reuses an old name (Ray would silently resume it); `--resume NAME` must name one that exists."""
+    storage = storage_root(cfg)
+    if resume:
+        if not run_exists(storage, resume):
+            raise UserError(f"no run named {resume!r} under {storage} to resume")
+        return resume
+    name = cfg.run.name or new_run_name()
+    if run_exists(storage, name):
+        raise UserError(f"a run named {name!r} already exists under {storage}: use --resume {name} to continue it, "
+                        f"or choose another run.name")
+    return name
+
+
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = dict(log_to_driver=verbose, configure_logging=True,
+                                  logging_level="INFO" if verbose else "ERROR")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(include_dashboard=verbose or None, **kwargs)
+
+
+def ray_scaling(cfg: Config) -> RayScalingConfig:
+    s = cfg.scaling
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if s.use_gpu == "true" and gpus == 0:
+        raise ResourceError("scaling.use_gpu=true but the Ray cluster has no GPU (use scaling.use_gpu=auto or false)")
+    use_gpu = s.use_gpu == "true" or (s.use_gpu == "auto" and gpus > 0)
+    need_gpu = s.num_workers * s.gpus_per_worker
+    if use_gpu and need_gpu > gpus:
+        raise ResourceError(f"{s.num_workers} workers x {s.gpus_per_worker} GPU need {need_gpu:g} GPUs; the cluster "
+                            f"has {gpus:g}")
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if s.num_workers * s.cpus_per_worker > cpus:
+        raise ResourceError(f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU need "
+                            f"{s.num_workers * s.cpus_per_worker:g} CPUs; the cluster has {cpus:g}")
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return RayScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                            placement_strategy=s.placement_strategy)
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The user-level exception inside Ray's wrappers (WorkerGroupError → RayTaskError → ...)."""
+    seen = set()
+    while id(err) not in seen:
+        seen.add(id(err))
+        failures = getattr(err, "worker_failures", None)
+        if failures:
+            err = failures[min(failures)]
+            continue
+        inner = getattr(err, "cause", None) or getattr(err, "controller_failure", None) or err.__cause__
+        if isinstance(inner, BaseException):
+            err = inner
+            continue
+        break
+    return err
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    msg = text[0] if text else ""
+    if isinstance(err, (UserError, TrainingError)):
+        return msg
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def build_trainer(cfg: Config, name: str, callbacks: list, progress=None) -> TorchTrainer:
+    mode = cfg.train.monitor_mode
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "progress": progress},
+        scaling_config=ray_scaling(cfg),
+        run_config=RayRunConfig(
+            name=name,
+            storage_path=storage_root(cfg),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
+                                               checkpoint_score_attribute="checkpoint_score",
+                                               checkpoint_score_order=mode),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, verbose: bool = False,
+        progress: bool = False, console=None) -> FitResult:
+    """Train CFG with Ray Train; returns the best metric, checkpoint paths and the MLflow run id.
+
+    User mistakes raise `UserError` before any worker starts; a failure inside training raises `TrainingError`
+    with its root cause on one line (the MLflow run is then marked FAILED).
+    """
+    preflight.check_fit(cfg)
+    name = plan_run_name(cfg, resume)
+    init_ray(address, verbose)
+    ray_scaling(cfg)  # resource errors before anything is written
+
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+        run_id = tracking.find_run(uri, cfg.tracking.experiment, name) if resume else None
+        run_id = run_id or tracking.start_run(cfg, name, uri=uri, tags={"storage_path": storage_root(cfg)})
+    callbacks = [MLflowEpochLogger(uri, run_id)] if run_id else []
+
+    from .progress import ProgressDisplay
+
+    display = ProgressDisplay(cfg, enabled=progress, console=console)
+    trainer = build_trainer(cfg, name, callbacks, progress=display.queue)
+    try:
+        with display:
+            result = trainer.fit()
+    except KeyboardInterrupt:
+        if run_id:
+            tracking.end_run(uri, run_id, "KILLED")
+        raise
+    except Exception as e:  # Ray's TrainingFailedError and friends
+        cause = root_cause(e)
+        if run_id:
+            tracking.end_run(uri, run_id, "FAILED", {"error": one_line(cause)[:4000]})
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise TrainingError(one_line(cause)) from e
+
+    best = result.get_best_checkpoint("checkpoint_score", cfg.train.monitor_mode) if result.best_checkpoints else None
+    summary = result.return_value if isinstance(result.return_value, dict) else {}
+    history = _history(result.checkpoint)
+    best_path = best.path if best else None
+    if run_id:
+        if best is not None:
+            with best.as_directory() as local_best:
+                tracking.log_final_artifacts(uri, run_id, cfg, history, local_best)
+        else:
+            tracking.log_final_artifacts(uri, run_id, cfg, history, None)
+        tracking.end_run(uri, run_id, "FINISHED", {"stop_reason": str(summary.get("stop_reason", "completed")),
+                                                     "best_checkpoint": str(best_path)})
+    best_value = summary.get("best_value")
+    if best_value is None and history:
+        best_value = history[-1].get(f"best_{cfg.train.monitor}")
+    return FitResult(run_name=name, monitor=cfg.train.monitor, best_value=best_value, best_checkpoint=best_path,
+                     last_checkpoint=result.checkpoint.path if result.checkpoint else None, mlflow_run_id=run_id,
+                     tracking_uri=uri, metrics=result.metrics or {}, history=history,
+                     path=getattr(result, "path", None))
+
+
+def _history(checkpoint: Checkpoint | None) -> list[dict]:
+    """The per-epoch metrics the newest checkpoint carries (local storage; remote storage is downloaded)."""
+    if checkpoint is None:
+        return []
+    try:
+        with checkpoint.as_directory() as d:
+            return list(load_checkpoint(d).get("history", []))
+    except UserError:
+        return []
