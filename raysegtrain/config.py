@@ -430,7 +430,8 @@ def format_validation_error(e: ValidationError) -> str:
     path = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         parent = _model_at(Config, loc[:-1])
-        hint = _suggest(loc[-1], list(parent.model_fields)) if parent else ""
+        prefix = ".".join(loc[:-1]) + "." if len(loc) > 1 else ""
+        hint = _suggest(loc[-1], list(parent.model_fields), prefix) if parent else ""
         return f"unknown key {path!r}{hint}"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
@@ -452,9 +453,9 @@ def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
     return model
 
 
-def _suggest(word: str, options) -> str:
+def _suggest(word: str, options, prefix: str = "") -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
 def describe_defaults() -> str:
