@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny config on a tiny synthetic dataset, one local Ray per test session, a private cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from raysegtrain import config
+
+TINY = [
+    "data.synthetic.size=64", "data.synthetic.num_train=12", "data.synthetic.num_val=6", "data.synthetic.num_test=4",
+    "data.image_size=64", "model.encoder=resnet18", "train.batch_size=4", "train.epochs=2", "optim.lr=1e-3",
+    "data.loader_workers=0", "tracking.num_overlays=2", "train.early_stopping.patience=null",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Synthetic data is generated into a per-session cache, never into the user's."""
+    os.environ["RAYSEGTRAIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    yield
+
+
+@pytest.fixture
+def tiny_cfg():
+    def make(*overrides: str, **kw):
+        return config.load(None, [*TINY, *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance (4 logical CPUs so 2 workers + a trial driver fit on a 2-core machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
