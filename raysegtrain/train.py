@@ -112,7 +112,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, map_location="cpu")
-    hooks: list[Hook] = [RayReportHook(cfg.tracking.num_overlays)]
+    hooks: list[Hook] = [*loop_config.get("hooks", ()), RayReportHook(cfg.tracking.num_overlays)]
     if loop_config.get("progress") is not None:
         hooks.insert(0, ProgressHook(loop_config["progress"]))
     trainer = SegmentationTrainer(cfg, hooks, device=device, wrap_model=ray.train.torch.prepare_model,
@@ -224,11 +224,11 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
 
-def build_trainer(cfg: Config, name: str, callbacks: list, progress=None) -> TorchTrainer:
+def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=()) -> TorchTrainer:
     mode = cfg.train.monitor_mode
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "progress": progress},
+        train_loop_config={"config": cfg.to_dict(), "progress": progress, "hooks": list(hooks)},
         scaling_config=ray_scaling(cfg),
         run_config=RayRunConfig(
             name=name,
@@ -243,11 +243,12 @@ def build_trainer(cfg: Config, name: str, callbacks: list, progress=None) -> Tor
 
 
 def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, verbose: bool = False,
-        progress: bool = False, console=None) -> FitResult:
+        progress: bool = False, console=None, hooks=()) -> FitResult:
     """Train CFG with Ray Train; returns the best metric, checkpoint paths and the MLflow run id.
 
     User mistakes raise `UserError` before any worker starts; a failure inside training raises `TrainingError`
-    with its root cause on one line (the MLflow run is then marked FAILED).
+    with its root cause on one line (the MLflow run is then marked FAILED). HOOKS (picklable `engine.Hook`s) run in
+    every worker, before the reporting hook.
     """
     preflight.check_fit(cfg)
     name = plan_run_name(cfg, resume)
@@ -264,7 +265,7 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     from .progress import ProgressDisplay
 
     display = ProgressDisplay(cfg, enabled=progress, console=console)
-    trainer = build_trainer(cfg, name, callbacks, progress=display.queue)
+    trainer = build_trainer(cfg, name, callbacks, progress=display.queue, hooks=hooks)
     try:
         with display:
             result = trainer.fit()

@@ -1,0 +1,142 @@
+"""`fit` on a real local Ray cluster: 2 CPU workers (gloo DDP), real MLflow store, real checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raysegtrain import tracking
+from raysegtrain.engine import Hook, load_checkpoint
+from raysegtrain.errors import TrainingError, UserError
+from raysegtrain.evaluate import evaluate_checkpoint
+from raysegtrain.train import fit
+
+TWO_WORKERS = ["scaling.num_workers=2", "scaling.use_gpu=false", "data.synthetic.num_val=7"]
+
+
+def _cfg(tiny_cfg, tmp_path, *extra):
+    return tiny_cfg(*TWO_WORKERS, f"run.storage_path={tmp_path / 'runs'}",
+                    f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra)
+
+
+def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tiny_cfg, tmp_path, ray_local):
+    cfg = _cfg(tiny_cfg, tmp_path, "run.name=two")
+    result = fit(cfg)
+    assert result.run_name == "two" and result.best_checkpoint and result.mlflow_run_id
+    assert [h["epoch"] for h in result.history] == [1, 2]
+
+    c = tracking.client(result.tracking_uri)
+    run = c.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.encoder"] == "resnet18" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.tags["architecture"] == "unet" and "torch_version" in run.data.tags
+    iou = c.get_metric_history(result.mlflow_run_id, "val_iou")
+    assert sorted(m.step for m in iou) == [1, 2]
+    for key in ("train_loss", "val_loss", "val_dice", "val_precision", "val_recall", "lr", "images_per_s",
+                "epoch_time_s", "val_iou_class_1"):
+        assert c.get_metric_history(result.mlflow_run_id, key), key
+    artifacts = {a.path for a in c.list_artifacts(result.mlflow_run_id)}
+    artifacts |= {a.path for a in c.list_artifacts(result.mlflow_run_id, "plots")}
+    artifacts |= {a.path for a in c.list_artifacts(result.mlflow_run_id, "best_checkpoint")}
+    assert {"config.yaml", "plots/curves.png", "plots/confusion_matrix.png", "plots/overlays.png",
+            "best_checkpoint/checkpoint.pt"} <= artifacts
+
+    # the best checkpoint, evaluated by one process, reproduces the val IoU that 2 DDP workers logged
+    state = load_checkpoint(result.best_checkpoint)
+    logged = {m.step: m.value for m in iou}[state["epoch"]]
+    single = evaluate_checkpoint(result.best_checkpoint)
+    assert single["val_iou"] == pytest.approx(logged, abs=1e-6)
+    assert result.best_value == pytest.approx(logged, abs=1e-6)
+
+    # the artifact copy in MLflow loads too
+    local = c.download_artifacts(result.mlflow_run_id, "best_checkpoint", str(tmp_path / "dl"))
+    assert load_checkpoint(local)["epoch"] == state["epoch"]
+
+
+class KillOnce(Hook):
+    """Kill this worker process (SIGKILL, no cleanup) in epoch EPOCH on rank RANK, the first time only."""
+
+    def __init__(self, marker: str, epoch: int = 1, rank: int = 1):
+        self.marker, self.epoch, self.rank = marker, epoch, rank
+
+    def after_step(self, info):
+        if info.epoch == self.epoch and self.trainer.rank == self.rank and not os.path.exists(self.marker):
+            Path(self.marker).write_text("killed")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_killed_worker_restarts_from_last_checkpoint(tiny_cfg, tmp_path, ray_local):
+    cfg = _cfg(tiny_cfg, tmp_path, "run.name=kill", "run.max_failures=1", "train.epochs=3")
+    marker = tmp_path / "killed"
+    result = fit(cfg, hooks=[KillOnce(str(marker), epoch=1)])
+    assert marker.exists()
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert load_checkpoint(result.last_checkpoint)["epoch"] == 3
+
+
+def test_interrupted_run_resumes_by_name_and_new_runs_never_reuse_it(tiny_cfg, tmp_path, ray_local):
+    cfg = _cfg(tiny_cfg, tmp_path, "run.name=resumable", "train.epochs=2")
+    marker = tmp_path / "killed"
+    with pytest.raises(TrainingError):
+        fit(cfg, hooks=[KillOnce(str(marker), epoch=1)])
+    with pytest.raises(UserError, match="already exists"):
+        fit(cfg)
+    result = fit(cfg, resume="resumable")
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    c = tracking.client(result.tracking_uri)
+    runs = c.search_runs([c.get_experiment_by_name("raysegtrain").experiment_id],
+                         filter_string="attributes.run_name = 'resumable'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(result.mlflow_run_id, "val_iou")) == [1, 2]
+    with pytest.raises(UserError, match="no run named 'nope'"):
+        fit(cfg, resume="nope")
+
+
+def test_worker_exception_surfaces_as_one_line(tiny_cfg, tmp_path, ray_local):
+    class Boom(Hook):
+        def after_step(self, info):
+            raise ValueError("boom in the worker")
+
+    with pytest.raises(TrainingError, match="ValueError: boom in the worker"):
+        fit(_cfg(tiny_cfg, tmp_path, "run.name=boom"), hooks=[Boom()])
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("raysegtrain").experiment_id])
+    assert runs[0].info.status == "FAILED" and "boom" in runs[0].data.tags["error"]
+
+
+def _cli(*args, cwd, env_extra=None):
+    env = {**os.environ, "RAY_TMPDIR": str(cwd / "raytmp"), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "raysegtrain", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.encoder=resnet1000"], "resnet1000"),
+    (["model.archh=unet"], "unknown key 'model.archh'"),
+    (["data.root=/does/not/exist"], "/does/not/exist"),
+    (["scaling.use_gpu=true"], "no GPU"),
+    (["optim.lr=0"], "optim.lr"),
+])
+def test_bad_input_exits_2_with_one_line_before_any_worker(args, message, tmp_path):
+    p = _cli("fit", *args, "--no-progress", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    if "use_gpu" not in args[0]:  # only the GPU check needs to ask Ray what the cluster has
+        assert not (tmp_path / "raytmp").exists(), "Ray was started for a mistake found before it"
+
+
+def test_cli_fit_runs_end_to_end(tmp_path, tiny_cfg):
+    from tests.conftest import TINY
+
+    p = _cli("fit", *TINY, "scaling.num_workers=2", "scaling.use_gpu=false", "run.name=cli", cwd=tmp_path,
+             env_extra={"RAYSEGTRAIN_CACHE": os.environ["RAYSEGTRAIN_CACHE"]})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "best val_iou" in p.stderr and "MLflow run" in p.stderr
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "runs" / "cli").is_dir()
