@@ -35,13 +35,16 @@ def cmd_fit(args) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    s = cfg.scaling
-    console.print(f"[bold]raysegtrain fit[/] {cfg.model.arch}/{cfg.model.encoder} on "
-                  f"{cfg.data.root or 'the embedded synthetic ' + cfg.data.synthetic.variant + ' dataset'}; "
-                  f"{s.num_workers} worker(s), batch {cfg.train.batch_size} per worker = "
-                  f"{cfg.train.batch_size * s.num_workers} global, {cfg.train.epochs} epochs")
+
+    def announce(cfg, name):
+        s = cfg.scaling
+        console.print(f"[bold]raysegtrain fit[/] run {name}: {cfg.model.arch}/{cfg.model.encoder} on "
+                      f"{cfg.data.root or 'the embedded synthetic ' + cfg.data.synthetic.variant + ' dataset'}; "
+                      f"{s.num_workers} worker(s), batch {cfg.train.batch_size} per worker = "
+                      f"{cfg.train.batch_size * s.num_workers} global, {cfg.train.epochs} epochs")
+
     result = fit(cfg, resume=args.resume, address=args.address, verbose=args.verbose,
-                 progress=not args.no_progress, console=console)
+                 progress=not args.no_progress, console=console, on_ready=announce)
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
     console.print(f"[bold green]done[/] run {result.run_name}: best {result.monitor} {best}")
     console.print(f"  best checkpoint: {result.best_checkpoint}")

@@ -243,17 +243,19 @@ def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=
 
 
 def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, verbose: bool = False,
-        progress: bool = False, console=None, hooks=()) -> FitResult:
+        progress: bool = False, console=None, hooks=(), on_ready=None) -> FitResult:
     """Train CFG with Ray Train; returns the best metric, checkpoint paths and the MLflow run id.
 
     User mistakes raise `UserError` before any worker starts; a failure inside training raises `TrainingError`
     with its root cause on one line (the MLflow run is then marked FAILED). HOOKS (picklable `engine.Hook`s) run in
-    every worker, before the reporting hook.
+    every worker, before the reporting hook. ON_READY(cfg, name) is called once the inputs passed every check.
     """
     preflight.check_fit(cfg)
     name = plan_run_name(cfg, resume)
     init_ray(address, verbose)
     ray_scaling(cfg)  # resource errors before anything is written
+    if on_ready is not None:
+        on_ready(cfg, name)
 
     uri = run_id = None
     if cfg.tracking.enabled:

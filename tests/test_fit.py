@@ -110,7 +110,13 @@ def test_worker_exception_surfaces_as_one_line(tiny_cfg, tmp_path, ray_local):
 
 
 def _cli(*args, cwd, env_extra=None):
-    env = {**os.environ, "RAY_TMPDIR": str(cwd / "raytmp"), **(env_extra or {})}
+    # Ray's socket paths must stay under 107 bytes: a short temp dir per call, linked from CWD for the assertions
+    import tempfile
+
+    raytmp = tempfile.mkdtemp(prefix="rst")
+    os.rmdir(raytmp)
+    (cwd / "raytmp").symlink_to(raytmp)
+    env = {**os.environ, "RAY_TMPDIR": raytmp, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "raysegtrain", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -129,7 +135,7 @@ def test_bad_input_exits_2_with_one_line_before_any_worker(args, message, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     if "use_gpu" not in args[0]:  # only the GPU check needs to ask Ray what the cluster has
-        assert not (tmp_path / "raytmp").exists(), "Ray was started for a mistake found before it"
+        assert not (tmp_path / "raytmp").resolve().exists(), "Ray was started for a mistake found before it"
 
 
 def test_cli_fit_runs_end_to_end(tmp_path, tiny_cfg):
