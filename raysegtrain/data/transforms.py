@@ -1,0 +1,246 @@
+"""Albumentations pipelines: size policy, augmentation, normalisation.
+
+Images enter as HxWxC float32 in 0..1 (see io.read_image), so Normalize uses max_pixel_value=1.0. Masks enter as
+integer class ids and are always resampled with nearest neighbour: every pipeline is a Compose with
+mask_interpolation=INTER_NEAREST, which overrides whatever a user-listed transform asks for.
+
+Padding (resize_policy pad / pad_crop) fills the image with 0 and the mask with `ignore_index` when one is set, so
+padded pixels count in neither loss nor metrics; without ignore_index they are background (0), which is what a
+black border is, at the price of a few easy background pixels in the metrics. Affine rotations and shifts reflect
+the border (image and mask alike), so they never invent unlabeled pixels.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+from pydantic import ValidationError
+
+from ..config import DataConfig
+from ..errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIZE_DIVISOR = 32  # smp encoders downsample 5 times
+STATS_MAX_IMAGES = 512  # dataset mean/std: at most this many train images, evenly spaced
+
+
+# ------------------------------------------------------------------------------------------------------ pipelines
+def build_train_transform(cfg: DataConfig, mean, std) -> A.Compose:
+    augment = build_augment(cfg)
+    steps = [*_train_size_steps(cfg), *([augment] if augment else []), *_finish(mean, std)]
+    return A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
+
+
+def build_eval_transform(cfg: DataConfig, mean, std) -> A.Compose:
+    return A.Compose([*_eval_size_steps(cfg), *_finish(mean, std)], mask_interpolation=cv2.INTER_NEAREST)
+
+
+def _finish(mean, std) -> list:
+    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0), ToTensorV2()]
+
+
+def _mask_fill(cfg: DataConfig) -> int:
+    return cfg.ignore_index if cfg.ignore_index is not None else 0
+
+
+def _pad_to_divisor(cfg: DataConfig) -> A.PadIfNeeded:
+    return A.PadIfNeeded(min_height=None, min_width=None, pad_height_divisor=SIZE_DIVISOR,
+                         pad_width_divisor=SIZE_DIVISOR, border_mode=cv2.BORDER_CONSTANT, fill=0,
+                         fill_mask=_mask_fill(cfg))
+
+
+def _pad_to_size(cfg: DataConfig) -> A.PadIfNeeded:
+    h, w = cfg.size_hw
+    return A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0,
+                         fill_mask=_mask_fill(cfg))
+
+
+def _resize(cfg: DataConfig) -> A.Resize:
+    h, w = cfg.size_hw
+    return A.Resize(h, w, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                    area_for_downscale="image")
+
+
+def _train_size_steps(cfg: DataConfig) -> list:
+    if cfg.resize_policy == "resize":
+        return [_resize(cfg)]
+    if cfg.resize_policy == "pad_crop":
+        return [_pad_to_size(cfg), A.RandomCrop(*cfg.size_hw)]
+    return [_pad_to_divisor(cfg)]
+
+
+def _eval_size_steps(cfg: DataConfig) -> list:
+    if cfg.resize_policy == "resize":
+        return [_resize(cfg)]
+    if cfg.resize_policy == "pad_crop":
+        # no crop at evaluation: every pixel is scored; same-size images still batch together
+        return [_pad_to_size(cfg), _pad_to_divisor(cfg)]
+    return [_pad_to_divisor(cfg)]
+
+
+# --------------------------------------------------------------------------------------------------- augmentation
+def build_augment(cfg: DataConfig) -> A.Compose | None:
+    """The augmentation block (applied with probability augment_p), or None for augment: none."""
+    if cfg.augment == "none" or cfg.augment_p == 0:
+        return None
+    steps = default_augment(cfg) if cfg.augment == "default" else build_augment_list(cfg.augment, cfg.in_channels)
+    return A.Compose(steps, p=cfg.augment_p)
+
+
+def default_augment(cfg: DataConfig) -> list:
+    """The reference training augmentation: geometry, then photometry, then noise or blur."""
+    steps: list = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    if _output_is_square(cfg):  # a 90-degree turn of a non-square crop would break batching
+        steps.append(A.RandomRotate90(p=0.5))
+    steps.append(A.Affine(scale=(0.85, 1.15), translate_percent=(-0.06, 0.06), rotate=(-20, 20),
+                          border_mode=cv2.BORDER_REFLECT_101, p=0.5))
+    photometric = [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0)]
+    if cfg.in_channels == 3:
+        photometric.append(A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=10, p=1.0))
+    steps.append(A.OneOf(photometric, p=0.6))
+    steps.append(A.OneOf([A.GaussNoise(std_range=(0.01, 0.05), p=1.0),
+                          A.GaussianBlur(blur_limit=0, sigma_limit=(0.3, 1.2), p=1.0)], p=0.3))
+    return steps
+
+
+def _output_is_square(cfg: DataConfig) -> bool:
+    h, w = cfg.size_hw
+    return cfg.resize_policy != "pad" and h == w
+
+
+def validate_augment(spec: Any, in_channels: int = 3, size_hw: tuple[int, int] = (256, 256)) -> None:
+    """Raise ConfigError (naming list index and transform) unless `data.augment` builds, and each listed transform
+    runs once on a random image of in_channels x size_hw (pass cfg.in_channels and cfg.size_hw)."""
+    if isinstance(spec, str) and spec in ("default", "none"):
+        return
+    if not isinstance(spec, list):
+        raise ConfigError(f"data.augment must be 'default', 'none' or a list of transforms (got {spec!r})")
+    build_augment_list(spec, in_channels, dry_run_hw=tuple(size_hw))
+
+
+def build_augment_list(spec: list, in_channels: int = 3, dry_run_hw: tuple[int, int] | None = None,
+                       where: str = "data.augment") -> list:
+    """[{name: HorizontalFlip, p: 0.5}, ...] -> transforms. Compositions (OneOf, SomeOf, Sequential, Compose)
+    take their children under `transforms:`. With dry_run_hw, each is also run once on a sample of that size."""
+    return [_build_one(item, in_channels, dry_run_hw, f"{where}[{i}]") for i, item in enumerate(spec)]
+
+
+def _build_one(item: Any, in_channels: int, dry_run_hw, where: str):
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise ConfigError(f"{where}: each entry needs a transform name, like {{name: HorizontalFlip, p: 0.5}} "
+                          f"(got {item!r})")
+    name, args = item["name"], {k: v for k, v in item.items() if k != "name"}
+    cls = _transform_class(name, where)
+    label = f"{where} ({name})"
+    if issubclass(cls, A.BaseCompose):
+        children = args.pop("transforms", None)
+        if not isinstance(children, list) or not children:
+            raise ConfigError(f"{label}: needs a non-empty list under 'transforms'")
+        args["transforms"] = build_augment_list(children, in_channels, dry_run_hw, f"{where}.transforms")
+        transform = _construct(cls, args, label, strict=False)
+    else:
+        transform = _construct(cls, args, label, strict=True)
+    if dry_run_hw:
+        _try_on_sample(cls, args, label, in_channels, dry_run_hw)
+    return transform
+
+
+def _transform_class(name: str, where: str) -> type:
+    cls = getattr(A, name, None)
+    if isinstance(cls, type) and issubclass(cls, (A.BasicTransform, A.BaseCompose)):
+        return cls
+    choices = [n for n in dir(A) if isinstance(getattr(A, n), type)
+               and issubclass(getattr(A, n), (A.BasicTransform, A.BaseCompose))]
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in choices}
+        close = [lowered[name.lower()]] if name.lower() in lowered else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"{where}: unknown Albumentations transform {name!r}{hint}")
+
+
+def _construct(cls: type, args: dict, label: str, strict: bool):
+    try:
+        return cls(**args, strict=True) if strict else cls(**args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{label}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    cause = e.__cause__ if isinstance(e.__cause__, ValidationError) else e
+    if isinstance(cause, ValidationError):
+        err = cause.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("tuple[", "list[", "function")))
+        msg = err["msg"].removeprefix("Value error, ")
+        return f"{loc}: {msg}" if loc else msg
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _try_on_sample(cls: type, args: dict, label: str, in_channels: int, size_hw: tuple[int, int]) -> None:
+    """Run the transform once (forced on) on a random image and mask, to catch errors that only show then."""
+    rng = np.random.default_rng(0)
+    image = rng.random((*size_hw, in_channels), dtype=np.float32)
+    mask = rng.integers(0, 2, size_hw).astype(np.int32)
+    try:
+        forced = cls(**{**args, "p": 1.0})
+        A.Compose([forced], mask_interpolation=cv2.INTER_NEAREST)(image=image, mask=mask)
+    except Exception as e:  # any failure here is the user's transform failing on data like theirs
+        raise ConfigError(f"{label}: fails on a {in_channels}-channel float image: {_one_line(e)}") from None
+
+
+# ------------------------------------------------------------------------------------------------ normalisation
+_STATS_CACHE: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
+
+
+def mean_std(cfg: DataConfig, root: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel (mean, std) on the 0..1 scale. Explicit cfg.mean / cfg.std win over `normalize`."""
+    mean = std = None
+    if cfg.mean is None or cfg.std is None:
+        mean, std = _policy_stats(cfg, Path(root))
+    return (tuple(cfg.mean) if cfg.mean is not None else mean, tuple(cfg.std) if cfg.std is not None else std)
+
+
+def _policy_stats(cfg: DataConfig, root: Path):
+    c = cfg.in_channels
+    if cfg.normalize == "none":
+        return (0.0,) * c, (1.0,) * c
+    if cfg.normalize == "imagenet":
+        if c == 3:
+            return IMAGENET_MEAN, IMAGENET_STD
+        return (float(np.mean(IMAGENET_MEAN)),) * c, (float(np.mean(IMAGENET_STD)),) * c
+    return dataset_stats(cfg, root)
+
+
+def dataset_stats(cfg: DataConfig, root: Path):
+    """Mean/std over (at most STATS_MAX_IMAGES evenly spaced) train images, streamed; cached per process."""
+    from .dataset import list_split
+    from .io import read_image
+
+    key = (str(Path(root).resolve()), cfg.layout, cfg.images_dir, cfg.split_dir, cfg.train_split, cfg.in_channels)
+    if key not in _STATS_CACHE:
+        pairs = evenly_spaced(list_split(cfg, "train", root), STATS_MAX_IMAGES)
+        total = np.zeros(cfg.in_channels)
+        squares = np.zeros(cfg.in_channels)
+        count = 0
+        for image_path, _ in pairs:
+            pixels = read_image(image_path, cfg.in_channels).reshape(-1, cfg.in_channels).astype(np.float64)
+            total += pixels.sum(0)
+            squares += (pixels * pixels).sum(0)
+            count += len(pixels)
+        mean = total / count
+        std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+        _STATS_CACHE[key] = (tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std))
+    return _STATS_CACHE[key]
+
+
+def evenly_spaced(items: list, limit: int) -> list:
+    if len(items) <= limit:
+        return items
+    return [items[int(i * len(items) / limit)] for i in range(limit)]
