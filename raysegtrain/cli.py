@@ -54,6 +54,38 @@ def cmd_fit(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from rich.console import Console
+
+    from .tune import run_study
+
+    console = Console(stderr=True)
+    result = run_study(args.space, args.overrides, name=args.name, resume=args.resume, address=args.address,
+                       verbose=args.verbose, live=not args.no_progress)
+    if result.interrupted:
+        console.print(f"[yellow]interrupted[/]: continue with raysegtrain tune {args.space} --resume"
+                      + (f" --name {args.name}" if args.name else ""))
+        return 130
+    from rich.table import Table
+
+    metric = next((k for k in (result.leaderboard[0] if result.leaderboard else {}) if k.startswith("val_")), "value")
+    table = Table(title=f"leaderboard: study {result.name}")
+    for col in ("rank", "trial", metric, "epochs", "state", "params"):
+        table.add_column(col)
+    for i, row in enumerate(result.leaderboard, 1):
+        params = ", ".join(f"{k[6:]}={v:.4g}" if isinstance(v, float) else f"{k[6:]}={v}"
+                           for k, v in row.items() if k.startswith("param."))
+        value = row.get(metric)
+        table.add_row(str(i), row["trial_id"], f"{value:.4f}" if isinstance(value, float) else "-",
+                      str(row["epochs"]), row["state"], params)
+    console.print(table)
+    console.print(f"best trial {result.best_trial}: {metric} {result.best_value}")
+    console.print(f"  best config: {result.best_config_path}   (raysegtrain fit {result.best_config_path})")
+    if result.parent_run_id:
+        console.print(f"  MLflow study run: {result.parent_run_id} ({result.tracking_uri}); open: raysegtrain ui")
+    return 0
+
+
 def cmd_data_synth(args) -> int:
     from .config import SyntheticConfig
     from .data.synthetic import generate
@@ -128,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     f.set_defaults(func=cmd_fit)
 
+    t = sub.add_parser("tune", help="search configs with Ray Tune (Optuna + ASHA); every trial is a fit")
+    t.add_argument("space", help="search-space YAML (see search_spaces/)")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="study settings (budget.num_samples=12) or base-config overrides (data.root=...)")
+    t.add_argument("--name", help="study name (default: the space file's name)")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted study of this name")
+    t.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    t.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+    t.add_argument("--no-progress", action="store_true", help="no live status table")
+    t.set_defaults(func=cmd_tune)
+
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="write the embedded synthetic defect dataset as an ordinary dataset")
@@ -159,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

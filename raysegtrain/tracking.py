@@ -17,7 +17,8 @@ from typing import Any
 from .config import Config
 
 DEFAULT_DB = "mlflow.db"
-NON_METRIC_KEYS = {"is_best", "checkpoint_score"}
+NON_METRIC_KEYS = {"is_best", "checkpoint_score", "early_stopped", "done", "training_iteration", "time_this_iter_s",
+                   "time_total_s", "timestamp", "pid", "time_since_restore", "iterations_since_restore"}
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

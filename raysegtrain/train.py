@@ -57,6 +57,7 @@ class RayReportHook(Hook):
         worst = -math.inf if t.monitor_mode == "max" else math.inf
         score = report.get(t.monitor, worst)
         report["checkpoint_score"] = score if math.isfinite(score) else worst
+        report["early_stopped"] = float(bool(t.stop_reason and t.stop_reason.startswith("early stopping")))
         if not t.is_main:
             ray.train.report(report, checkpoint=None)
             return
@@ -132,6 +133,17 @@ class MLflowEpochLogger(UserCallback):
         if metrics:
             m = metrics[0]
             tracking.log_metrics(tracking.client(self.uri), self.run_id, m, step=int(m.get("epoch", 0)))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Workers run in another working directory: make the user's relative paths absolute on the driver."""
+    data, model = cfg.data, cfg.model
+    if data.root is not None and not data.root.is_absolute():
+        data = data.model_copy(update={"root": data.root.expanduser().resolve()})
+    w = model.encoder_weights
+    if w and w != "imagenet" and Path(w).expanduser().exists():
+        model = model.model_copy(update={"encoder_weights": str(Path(w).expanduser().resolve())})
+    return cfg.model_copy(update={"data": data, "model": model})
 
 
 def new_run_name() -> str:
@@ -250,6 +262,7 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     with its root cause on one line (the MLflow run is then marked FAILED). HOOKS (picklable `engine.Hook`s) run in
     every worker, before the reporting hook. ON_READY(cfg, name) is called once the inputs passed every check.
     """
+    cfg = with_absolute_paths(cfg)
     preflight.check_fit(cfg)
     name = plan_run_name(cfg, resume)
     init_ray(address, verbose)
