@@ -16,18 +16,18 @@ print(c(config.load(None, '$data'.split()).data.synthetic))"
 
 nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > "$out/util_fit.txt" &
 smi=$!
-t0=$(date +%s.%N)
+t0=$(date +%s)
 $py -m raysegtrain fit $data train.epochs=4 train.batch_size=32 --no-progress 2>&1 | tee "$out/fit.log"
-echo "fit wall s: $(echo "$(date +%s.%N) - $t0" | bc)" | tee -a "$out/fit.log"
+echo "fit wall s: $(( $(date +%s) - t0 ))" | tee -a "$out/fit.log"
 kill $smi
 
 nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > "$out/util_tune.txt" &
 smi=$!
-t0=$(date +%s.%N)
+t0=$(date +%s)
 $py -m raysegtrain tune "$OLDPWD/search_spaces/arch_encoders.yaml" $data budget.num_samples=8 \
   max_concurrent_trials=4 asha.max_epochs=4 asha.grace_period=1 asha.reduction_factor=2 trial.cpus_per_worker=3 \
   data.loader_workers=3 train.batch_size=16 --no-progress 2>&1 | tee "$out/tune.log"
-echo "tune wall s: $(echo "$(date +%s.%N) - $t0" | bc)" | tee -a "$out/tune.log"
+echo "tune wall s: $(( $(date +%s) - t0 ))" | tee -a "$out/tune.log"
 kill $smi
 $py - "$out" <<'PY'
 import sys, statistics, pathlib, sqlite3, glob
