@@ -44,7 +44,16 @@ def ensure_experiment(c, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return c.create_experiment(name)
+    return c.create_experiment(name, artifact_location=default_artifact_location(c.tracking_uri, name))
+
+
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """For a SQLite store, artifacts next to the database (MLflow's default is ./mlruns of whatever process creates
+    the experiment); other stores keep their own default."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).as_uri()
+    return None
 
 
 def runs_table_url(host: str, port: int, experiment_id: str) -> str:
