@@ -2,6 +2,11 @@
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# No network at run time: Albumentations would otherwise ask PyPI for its latest version on import (in every worker).
+_os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 from .config import Config, load as load_config  # noqa: E402,F401
 
 

@@ -44,7 +44,7 @@ def cmd_fit(args) -> int:
                       f"{cfg.train.batch_size * s.num_workers} global, {cfg.train.epochs} epochs")
 
     result = fit(cfg, resume=args.resume, address=args.address, verbose=args.verbose,
-                 progress=not args.no_progress, console=console, on_ready=announce)
+                 progress="lines" if args.no_progress else "bar", console=console, on_ready=announce)
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
     console.print(f"[bold green]done[/] run {result.run_name}: best {result.monitor} {best}")
     console.print(f"  best checkpoint: {result.best_checkpoint}")
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", metavar="NAME", help="continue the interrupted run NAME from its latest checkpoint")
     f.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     f.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar: one line per epoch (for logs)")
     f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     f.set_defaults(func=cmd_fit)
 
@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)

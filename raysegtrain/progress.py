@@ -24,11 +24,13 @@ def format_epoch(m: dict, epochs: int, monitor: str) -> str:
 
 
 class ProgressDisplay:
-    """Context manager: while open, a thread drains the queue into a rich progress bar."""
+    """Context manager: while open, a thread drains rank 0's queue. MODE "bar": a rich progress bar plus one line per
+    epoch; "lines": the lines only (logs, CI); None: nothing."""
 
-    def __init__(self, cfg: Config, enabled: bool = True, console=None):
+    def __init__(self, cfg: Config, mode: str | None = "bar", console=None):
         self.cfg = cfg
-        self.enabled = enabled
+        self.mode = mode
+        self.enabled = mode is not None
         self.queue = None
         if enabled:
             from ray.util.queue import Queue
@@ -48,7 +50,7 @@ class ProgressDisplay:
         self.console = self._console or Console(stderr=True)
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=self.console, transient=False)
+                                 console=self.console, transient=False, disable=self.mode != "bar")
         self.progress.start()
         self.epoch_task = self.progress.add_task("epochs", total=self.cfg.train.epochs, info="starting workers...")
         self.step_task = None
@@ -85,7 +87,9 @@ class ProgressDisplay:
 
     def _handle(self, item) -> None:
         kind = item[0]
-        if kind == "epoch_start":
+        if kind == "start":
+            self.console.print(f"  on {item[1]}")
+        elif kind == "epoch_start":
             _, epoch, epochs, steps = item
             self.progress.update(self.epoch_task, completed=epoch, info="")
             if self.step_task is None:

@@ -84,6 +84,17 @@ class ProgressHook(Hook):
         except Exception:  # the driver's display is best-effort: never fail training over it
             pass
 
+    def before_train(self) -> None:
+        t = self.trainer
+        if t.is_main:
+            import torch
+
+            name = torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else "CPU"
+            amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[t.amp_dtype]
+            self._send(("start", f"{t.device} ({name}) x {t.world_size} worker(s), {amp}"
+                                 f"{', channels_last' if t.channels_last else ''}, "
+                                 f"{t.loader_workers()} loader worker(s) per worker"))
+
     def before_epoch(self) -> None:
         if self.trainer.is_main:
             t = self.trainer
@@ -255,7 +266,7 @@ def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=
 
 
 def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, verbose: bool = False,
-        progress: bool = False, console=None, hooks=(), on_ready=None) -> FitResult:
+        progress: str | None = None, console=None, hooks=(), on_ready=None) -> FitResult:
     """Train CFG with Ray Train; returns the best metric, checkpoint paths and the MLflow run id.
 
     User mistakes raise `UserError` before any worker starts; a failure inside training raises `TrainingError`
@@ -279,7 +290,7 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
 
     from .progress import ProgressDisplay
 
-    display = ProgressDisplay(cfg, enabled=progress, console=console)
+    display = ProgressDisplay(cfg, mode=progress, console=console)
     trainer = build_trainer(cfg, name, callbacks, progress=display.queue, hooks=hooks)
     try:
         with display:

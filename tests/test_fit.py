@@ -145,4 +145,5 @@ def test_cli_fit_runs_end_to_end(tmp_path, tiny_cfg):
              env_extra={"RAYSEGTRAIN_CACHE": os.environ["RAYSEGTRAIN_CACHE"]})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "best val_iou" in p.stderr and "MLflow run" in p.stderr
+    assert "on cpu (CPU) x 2 worker(s), fp32" in p.stderr and "epoch 2/2" in p.stderr
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "runs" / "cli").is_dir()

@@ -1,0 +1,114 @@
+"""`tune` on a real local Ray: OptunaSearch + ASHA over fit trials, MLflow parent/child runs, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raysegtrain import config, tracking
+from raysegtrain.errors import ConfigError, UserError
+from raysegtrain.train import fit
+from raysegtrain.tune import STUDY_TAG, TRIAL_TAG, run_study
+
+SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+
+
+def _settings(tmp_path):
+    return [f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+def test_smoke_study_asha_mlflow_and_best_config(tmp_path, ray_local):
+    result = run_study(SMOKE, _settings(tmp_path), live=False)
+    rows = result.leaderboard
+    assert len(rows) >= 6 and not result.interrupted
+    states = [r["state"] for r in rows]
+    assert any(s.startswith("stopped by ASHA") for s in states), states
+    assert any(s == "completed" for s in states), states
+    assert result.best_value == max(r["val_iou"] for r in rows if r["val_iou"] is not None)
+    assert (Path(result.path) / "leaderboard.csv").read_text().count("\n") == len(rows) + 1
+
+    c = tracking.client(result.tracking_uri)
+    parent = c.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == result.best_trial
+    assert parent.data.params["study.num_samples"] == "6"
+    names = {a.path for a in c.list_artifacts(result.parent_run_id)}
+    assert {"leaderboard.csv", "best_config.yaml", "config.yaml", "study", "optuna"} <= names
+    assert {"optuna/optimization_history.png", "optuna/parallel_coordinate.png"} <= \
+        {a.path for a in c.list_artifacts(result.parent_run_id, "optuna")}
+    children = c.search_runs([parent.info.experiment_id],
+                             filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    assert len(children) == len(rows)
+    assert len({ch.data.tags[TRIAL_TAG] for ch in children}) == len(rows)
+    for ch in children:
+        assert ch.info.status == "FINISHED"
+        assert c.get_metric_history(ch.info.run_id, "val_iou"), ch.data.tags[TRIAL_TAG]
+        assert any(k.startswith("sampled.") for k in ch.data.params)
+    stopped = [ch for ch in children if ch.data.tags["state"].startswith("stopped by ASHA")]
+    assert stopped and all(len(c.get_metric_history(ch.info.run_id, "val_iou")) < 3 for ch in stopped)
+    assert [ch.data.tags.get("best_trial") for ch in children].count("true") == 1
+
+    # the best config is a fit config as it stands, and reruns to the same number (CPU, same seed)
+    best_cfg = config.load(result.best_config_path, [f"run.name=rerun"])
+    rerun = fit(best_cfg)
+    assert rerun.best_value == pytest.approx(result.best_value, abs=1e-4)
+
+
+def test_bad_space_fails_before_ray(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": {}, "space": {"model.arch": {"choice": []}}}))
+    with pytest.raises(ConfigError, match="model.arch"):
+        run_study(bad, _settings(tmp_path))
+    assert not (tmp_path / "mlflow.db").exists()  # nothing was started or written
+
+
+def test_existing_study_name_needs_resume(tmp_path, ray_local):
+    (tmp_path / "runs" / "smoke").mkdir(parents=True)
+    with pytest.raises(UserError, match="already exists"):
+        run_study(SMOKE, _settings(tmp_path), live=False)
+    with pytest.raises(UserError, match="no study named 'other'"):
+        run_study(SMOKE, _settings(tmp_path), name="other", resume=True, live=False)
+
+
+def _completed_trials(db: Path) -> int:
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid "
+                               f"where t.key = '{TRIAL_TAG}' and r.status = 'FINISHED'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_interrupt_then_resume_completes_without_duplicates(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "raysegtrain", "tune", str(SMOKE), *_settings(tmp_path), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 400
+    while _completed_trials(tmp_path / "mlflow.db") < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)  # polling an observable condition (finished trials in MLflow), bounded by the deadline
+    assert proc.poll() is None, "the study ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:]
+    assert "--resume" in out
+
+    done = subprocess.run(cmd + ["--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    c = tracking.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("raysegtrain").experiment_id
+    parents = c.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = 'smoke' and tags.`raysegtrain.kind` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    trial_ids = [ch.data.tags[TRIAL_TAG] for ch in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 6
+    assert all(ch.info.status == "FINISHED" for ch in children)
