@@ -32,7 +32,7 @@ class ProgressDisplay:
         self.mode = mode
         self.enabled = mode is not None
         self.queue = None
-        if enabled:
+        if self.enabled:
             from ray.util.queue import Queue
 
             self.queue = Queue(actor_options={"num_cpus": 0})

@@ -37,6 +37,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        # the dashboard stays on (Ray default): without its agent, workers of ASHA-stopped trials are not cleaned up
+        ray.init(num_cpus=4, num_gpus=0, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
