@@ -355,7 +355,9 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
 
     trials_storage = str(Path(storage) / name / "trials") if study_dir else f"{storage}/{name}/trials"
     trainable = tune.with_parameters(run_trial, space=space, trials_storage=trials_storage)
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})  # the trial driver only waits on its TorchTrainer
+    # The trial driver only waits on its TorchTrainer, whose workers reserve their own CPUs/GPUs: it asks for a little
+    # memory and no CPU, so N concurrent trials need exactly N x their workers' CPUs.
+    trainable = tune.with_resources(trainable, tune.PlacementGroupFactory([{"memory": 256 * 2**20}]))
     tracker = StudyTracker(uri, parent, space, name, live=live)
     interrupted = False
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
