@@ -197,10 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--tracking-uri", default=None)
     u.add_argument("--experiment", default="raysegtrain")
     u.set_defaults(func=cmd_ui)
+    from .cli_infer import add_commands; add_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    import time
+
+    os.environ.setdefault("RAYSEGTRAIN_T0", str(time.time()))  # the command's start, for the first-step latency
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     import logging

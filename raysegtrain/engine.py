@@ -82,17 +82,28 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _reseed_transform(dataset, seed: int) -> None:
-    # Albumentations' Compose keeps its own RNG, independent of numpy/torch: seed it explicitly so that an epoch's
-    # augmentation depends only on (seed, epoch, rank, worker) and a resumed run repeats it exactly.
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(seed % 2**32)
+class SeededSampler(Sampler):
+    """Yields (index, seed) with seed = f(run seed, epoch, index): a dataset that accepts such keys seeds its
+    augmentation per sample, so what an image gets depends on nothing else (not on the loader worker that draws it,
+    nor on how long the workers have lived): persistent workers and an exact resume both hold."""
+
+    def __init__(self, sampler: DistributedSampler, seed: int):
+        self.sampler, self.seed, self.epoch = sampler, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        for i in self.sampler:
+            yield i, int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def _seed_loader_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
-    _reseed_transform(info.dataset, info.seed)
     np.random.seed(info.seed % 2**32)
     random.seed(info.seed)
 
@@ -101,8 +112,12 @@ def _seed_loader_worker(worker_id: int) -> None:
 class SegmentationTrainer:
     def __init__(self, cfg: Config, hooks: Sequence[Hook] = (), *, device: torch.device | str | None = None,
                  wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 resume_state: dict | None = None):
+                 resume_state: dict | None = None, datasets: Callable[[Config], tuple] | None = None,
+                 t0: float | None = None):
         self.cfg = cfg
+        self._datasets_fn = datasets  # (cfg) -> (train, val): a custom source instead of the configured folders
+        self._t0 = t0 if t0 is not None else time.time()  # when the command started: for the first-step latency
+        self._first_step_s: float | None = None
         self.rank, self.world_size = rank_and_world()
         self.is_main = self.rank == 0
         self.device = torch.device(device) if device is not None else _default_device()
@@ -158,6 +173,8 @@ class SegmentationTrainer:
         self.set_encoder_frozen(self.cfg.model.freeze_encoder_epochs > 0)
 
     def build_datasets(self):
+        if self._datasets_fn is not None:
+            return self._datasets_fn(self.cfg)
         from .data.dataset import build_dataset
 
         return build_dataset(self.cfg.data, self.cfg.data.train_split, train=True), \
@@ -178,8 +195,10 @@ class SegmentationTrainer:
         drop_last = len(self.train_set) >= self.batch_size * self.world_size * 2
         self.train_sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
                                                 shuffle=True, seed=self.seed, drop_last=drop_last)
+        if getattr(self.train_set, "accepts_seeded_index", False):
+            self.train_sampler = SeededSampler(self.train_sampler, self.seed)
         common = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
-                      worker_init_fn=_seed_loader_worker if workers else None,
+                      worker_init_fn=_seed_loader_worker if workers else None, persistent_workers=workers > 0,
                       prefetch_factor=4 if workers else None, generator=self._loader_gen)
         train = DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.train_sampler,
                            drop_last=drop_last, **common)
@@ -276,7 +295,8 @@ class SegmentationTrainer:
         epoch_seed = self.seed * 100_003 + self.epoch * 1009 + self.rank
         torch.manual_seed(epoch_seed)  # dropout etc.: an epoch's randomness depends only on (seed, epoch, rank)
         self._loader_gen.manual_seed(epoch_seed)
-        _reseed_transform(self.train_set, epoch_seed)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
         max_batches = self.steps_per_epoch * self.grad_accum
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -288,6 +308,8 @@ class SegmentationTrainer:
             if i >= max_batches:
                 break
             x, y = self.to_device(batch)
+            if self._first_step_s is None:
+                self._first_step_s = time.time() - self._t0
             stepping = (i + 1) % self.grad_accum == 0 or i + 1 == max_batches or i + 1 == len(self.train_loader)
             sync = nullcontext() if stepping or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
@@ -309,8 +331,13 @@ class SegmentationTrainer:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         train_loss = self._all_reduce_mean(loss_sum, batches)
-        return {"train_loss": train_loss, "lr": self.current_lr(), "epoch_time_s": elapsed,
-                "images_per_s": images / elapsed if elapsed > 0 else float("nan")}
+        out = {"train_loss": train_loss, "lr": self.current_lr(), "epoch_time_s": elapsed,
+               "images_per_s": images / elapsed if elapsed > 0 else float("nan")}
+        if self.device.type == "cuda":
+            out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self._first_step_s is not None and not self.history:  # the first epoch this process ran
+            out["first_step_s"] = self._first_step_s
+        return out
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -542,9 +569,10 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
 
 
 def train_local(cfg: Config, out_dir: str | Path, hooks: Iterable[Hook] = (), resume: bool = False,
-                device: str | None = None) -> dict[str, Any]:
+                device: str | None = None, datasets=None) -> dict[str, Any]:
     """Train in this process (no Ray): checkpoints in OUT_DIR/{best,last}. Used by tests and as the simplest API."""
     out_dir = Path(out_dir)
     state = load_checkpoint(out_dir / "last") if resume else None
-    trainer = SegmentationTrainer(cfg, [*hooks, LocalCheckpointHook(out_dir)], device=device, resume_state=state)
+    trainer = SegmentationTrainer(cfg, [*hooks, LocalCheckpointHook(out_dir)], device=device, resume_state=state,
+                                  datasets=datasets)
     return trainer.fit()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -128,7 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if loop_config.get("progress") is not None:
         hooks.insert(0, ProgressHook(loop_config["progress"]))
     trainer = SegmentationTrainer(cfg, hooks, device=device, wrap_model=ray.train.torch.prepare_model,
-                                  resume_state=state)
+                                  resume_state=state, datasets=loop_config.get("datasets"), t0=loop_config.get("t0"))
     return trainer.fit()
 
 
@@ -247,11 +248,13 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
 
-def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=()) -> TorchTrainer:
+def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=(), datasets=None,
+                  t0: float | None = None) -> TorchTrainer:
     mode = cfg.train.monitor_mode
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "progress": progress, "hooks": list(hooks)},
+        train_loop_config={"config": cfg.to_dict(), "progress": progress, "hooks": list(hooks), "datasets": datasets,
+                           "t0": t0 if t0 is not None else time.time()},
         scaling_config=ray_scaling(cfg),
         run_config=RayRunConfig(
             name=name,
@@ -266,15 +269,21 @@ def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=
 
 
 def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, verbose: bool = False,
-        progress: str | None = None, console=None, hooks=(), on_ready=None) -> FitResult:
+        progress: str | None = None, console=None, hooks=(), on_ready=None, datasets=None) -> FitResult:
     """Train CFG with Ray Train; returns the best metric, checkpoint paths and the MLflow run id.
 
     User mistakes raise `UserError` before any worker starts; a failure inside training raises `TrainingError`
     with its root cause on one line (the MLflow run is then marked FAILED). HOOKS (picklable `engine.Hook`s) run in
     every worker, before the reporting hook. ON_READY(cfg, name) is called once the inputs passed every check.
+    DATASETS, a picklable (cfg) -> (train, val) callable, replaces the configured data source (benchmarks, custom
+    sources); its items are dicts with image (float CxHxW) and mask (long HxW).
     """
+    t0 = float(os.environ.get("RAYSEGTRAIN_T0", time.time()))
     cfg = with_absolute_paths(cfg)
-    preflight.check_fit(cfg)
+    if datasets is None:
+        preflight.check_fit(cfg)
+    else:
+        preflight.check_augment(cfg), preflight.check_model(cfg)
     name = plan_run_name(cfg, resume)
     init_ray(address, verbose)
     ray_scaling(cfg)  # resource errors before anything is written
@@ -291,7 +300,7 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     from .progress import ProgressDisplay
 
     display = ProgressDisplay(cfg, mode=progress, console=console)
-    trainer = build_trainer(cfg, name, callbacks, progress=display.queue, hooks=hooks)
+    trainer = build_trainer(cfg, name, callbacks, progress=display.queue, hooks=hooks, datasets=datasets, t0=t0)
     try:
         with display:
             result = trainer.fit()

@@ -146,6 +146,12 @@ class StudyTracker(tune.Callback):
         self._close_child(st, "FAILED")
         self._show(trials, force=True)
 
+    def close_unfinished(self, status: str) -> None:
+        """Runs of trials that were still going when the study stopped (a resume reopens them)."""
+        for st in self.trials.values():
+            if st.state == "running" and self.client and st.run_id:
+                tracking.end_run(self.uri, st.run_id, status, {"state": "interrupted"})
+
     # -- MLflow ------------------------------------------------------------------------------------------------
     def _find_child(self, trial_id: str) -> str | None:
         exp = self.client.get_run(self.parent_run_id).info.experiment_id
@@ -359,8 +365,7 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
     # memory and no CPU, so N concurrent trials need exactly N x their workers' CPUs.
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory([{"memory": 256 * 2**20}]))
     tracker = StudyTracker(uri, parent, space, name, live=live)
-    interrupted = False
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    stop = GracefulStop()
     try:
         if resume:
             tuner = tune.Tuner.restore(str(study_dir) if study_dir else f"{storage}/{name}", trainable=trainable,
@@ -378,15 +383,15 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
                                             scheduler=scheduler, time_budget_s=space.time_budget_s),
                 run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[tracker],
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=0))
-        results = tuner.fit()
-    except KeyboardInterrupt:
-        interrupted = True
+        with stop:
+            results = tuner.fit()
+    except KeyboardInterrupt:  # a second Ctrl-C: no graceful stop wanted
         results = None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    interrupted = stop.requested
 
-    if results is None:
+    if results is None or interrupted:
         if parent:
+            tracker.close_unfinished("KILLED")
             tracking.end_run(uri, parent, "KILLED", {"state": "interrupted: resume with --resume"})
         return StudyResult(name, str(study_dir or storage), None, None, None, [], parent, uri, interrupted=True)
 
@@ -437,5 +442,29 @@ def _child_run(c, parent: str, trial_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class GracefulStop:
+    """Ctrl-C or SIGTERM: ask Tune to stop and save its state (Tune stops on SIGUSR1), and remember that we did, so
+    the study is reported as interrupted (resumable) rather than finished. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    def __enter__(self):
+        self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
+        return False

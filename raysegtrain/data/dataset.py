@@ -168,11 +168,20 @@ class SegmentationDataset(Dataset):
             self._decoded[index] = (image, _compact(mask))
         return image, mask
 
-    def __getitem__(self, index: int) -> dict:
+    accepts_seeded_index = True  # dataset[(i, seed)]: item i with its augmentation seeded by SEED
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        seed = None
+        if isinstance(index, tuple):
+            index, seed = index
         image, mask = self.raw(index)
         mask = mask.astype(np.int32)  # cv2 warps cannot take int64
         if self.transform is not None:
-            self._seed_transform()
+            if seed is not None and hasattr(self.transform, "set_random_seed"):
+                self.transform.set_random_seed(seed)
+                self._transform_seed = None
+            else:
+                self._seed_transform()
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         else:
