@@ -13,8 +13,10 @@ back. Sliding-window inference instead works at the image's own resolution with 
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -120,18 +122,37 @@ def _download_checkpoint(run_id: str, artifact: str, uri: str) -> tuple[str, dic
     from .engine import load_checkpoint
     from .tracking import client
 
+    from mlflow.exceptions import MlflowException
+
     c = client(uri)
     try:
         c.get_run(run_id)
-    except Exception:
-        raise ModelError(f"MODEL {run_id}: no such MLflow run in {uri}") from None
-    with tempfile.TemporaryDirectory(prefix="raysegtrain-model-") as tmp:
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise ModelError(f"MODEL {run_id}: no such MLflow run in {uri}") from None
+        raise ModelError(f"cannot read MLflow run {run_id} from {uri}: {str(e).splitlines()[0]}") from None
+    with tempfile.TemporaryDirectory(prefix="raysegtrain-model-") as tmp, _quiet_mlflow_downloads():
         try:
             local = c.download_artifacts(run_id, artifact, tmp)
         except Exception as e:
             raise ModelError(f"MLflow run {run_id} has no artifact {artifact!r} ({str(e).splitlines()[0]})") from None
         state = load_checkpoint(local)
     return f"runs:/{run_id}/{artifact}", state
+
+
+@contextmanager
+def _quiet_mlflow_downloads():
+    """No tqdm bar per download (ours is the only progress display)."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def checkpoint_config(state: dict, path) -> Config:

@@ -1,8 +1,9 @@
 """`predict`: masks and overlays for a set of images, in this process or as Ray Data batch inference.
 
 Outputs per input image: OUT/<stem>_mask.png (class ids; 0/255 for binary models) and OUT/<stem>_overlay.png.
-Every problem with the inputs or the outputs is found before the first file is written: no images, unreadable
-files, two inputs with the same stem, outputs that already exist (unless `overwrite`).
+Problems with the inputs or the outputs are found before the first file is written: no images, files that do not
+open as images, two inputs with the same stem, outputs that already exist (unless `overwrite`). A file whose header
+reads but whose pixels do not (truncated) still stops the run with a one-line error, when its turn comes.
 """
 
 from __future__ import annotations
