@@ -33,7 +33,7 @@ STUDY_TAG = "raysegtrain.study"
 
 
 # ----------------------------------------------------------------------------------------------- the trainable
-def run_trial(config: dict, space: SearchSpace, trials_storage: str) -> None:
+def run_trial(config: dict, space: SearchSpace, trials_storage: str, hooks=()) -> None:
     """One trial = one `fit`: a TorchTrainer named after the trial, so a resumed study resumes its trials too."""
     cfg = space.trial_config(config)
     cfg = cfg.model_copy(update={
@@ -41,7 +41,7 @@ def run_trial(config: dict, space: SearchSpace, trials_storage: str) -> None:
         "tracking": cfg.tracking.model_copy(update={"enabled": False}),
     })
     trial_id = tune.get_context().get_trial_id()
-    trainer = build_trainer(cfg, f"trial-{trial_id}", callbacks=[TuneReportCallback()])
+    trainer = build_trainer(cfg, f"trial-{trial_id}", callbacks=[TuneReportCallback()], hooks=hooks)
     try:
         trainer.fit()
     except Exception as e:
@@ -330,7 +330,9 @@ def check_study(space: SearchSpace) -> None:
 
 
 def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | None = None, resume: bool = False,
-              address: str | None = None, verbose: bool = False, live: bool = True) -> StudyResult:
+              address: str | None = None, verbose: bool = False, live: bool = True, hooks=()) -> StudyResult:
+    """Run (or with RESUME continue) the study of SPACE_PATH. HOOKS (picklable engine Hooks) run in every worker of
+    every trial. User mistakes raise before Ray starts."""
     space = load_space(space_path, list(overrides))
     check_study(space)
     name = study_name(space_path, name)
@@ -360,7 +362,7 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
             tracking.client(uri).update_run(parent, status="RUNNING")
 
     trials_storage = str(Path(storage) / name / "trials") if study_dir else f"{storage}/{name}/trials"
-    trainable = tune.with_parameters(run_trial, space=space, trials_storage=trials_storage)
+    trainable = tune.with_parameters(run_trial, space=space, trials_storage=trials_storage, hooks=list(hooks))
     # The trial driver only waits on its TorchTrainer, whose workers reserve their own CPUs/GPUs: it asks for a little
     # memory and no CPU, so N concurrent trials need exactly N x their workers' CPUs.
     trainable = tune.with_resources(trainable, tune.PlacementGroupFactory([{"memory": 256 * 2**20}]))

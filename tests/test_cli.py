@@ -59,3 +59,33 @@ def test_fit_print_config_is_reloadable(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text(capsys.readouterr().out)
     assert config.load(path).train.epochs == 3
+
+
+def test_ui_serves_on_loopback_and_prints_the_runs_table_link(tmp_path):
+    import socket
+    import time
+    import urllib.request
+
+    from raysegtrain import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    exp = tracking.ensure_experiment(c, "raysegtrain")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "raysegtrain", "ui", "--port", str(port), "--tracking-uri", uri],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline() + proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs" in first
+        deadline, status = time.monotonic() + 120, None
+        while status is None and time.monotonic() < deadline and proc.poll() is None:
+            try:  # wait for the server by polling it, bounded by the deadline
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -112,3 +112,46 @@ def test_interrupt_then_resume_completes_without_duplicates(tmp_path):
     trial_ids = [ch.data.tags[TRIAL_TAG] for ch in children]
     assert len(trial_ids) == len(set(trial_ids)) == 6
     assert all(ch.info.status == "FINISHED" for ch in children)
+
+
+class FailFocalTrials:
+    """A worker hook that crashes every trial of the dice+focal loss mix in its first step."""
+
+    trainer = None
+
+    def before_train(self): ...
+
+    def before_epoch(self): ...
+
+    def after_epoch(self, metrics): ...
+
+    def after_train(self): ...
+
+    def after_step(self, info):
+        if self.trainer.cfg.loss.focal > 0:
+            raise ValueError("simulated crash in a focal trial")
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, ray_local):
+    from raysegtrain.engine import Hook
+
+    hook = type("FailFocal", (FailFocalTrials, Hook), {})()
+    result = run_study(SMOKE, _settings(tmp_path) + ["budget.num_samples=4", "asha.max_epochs=1",
+                                                     "space.loss_mix={branch: {dice_focal: {loss.dice: 0.5, "
+                                                     "loss.focal: 1.0}, dice_bce: {loss.dice: 0.5, loss.bce: 0.5}}}"],
+                       live=False, hooks=[hook])
+    rows = result.leaderboard
+    failed = [r for r in rows if r["state"].startswith("failed")]
+    ok = [r for r in rows if not r["state"].startswith("failed")]
+    assert len(rows) == 4 and failed and ok, [r["state"] for r in rows]
+    assert all("simulated crash in a focal trial" in r["state"] for r in failed)
+    assert all(r["param.loss.focal"] == 1.0 for r in failed)
+    c = tracking.client(result.tracking_uri)
+    children = c.search_runs([c.get_run(result.parent_run_id).info.experiment_id],
+                             filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    by_status = {}
+    for ch in children:
+        by_status.setdefault(ch.info.status, []).append(ch)
+    assert len(by_status["FAILED"]) == len(failed)
+    assert all("simulated crash" in ch.data.tags["state"] for ch in by_status["FAILED"])
+    assert c.get_run(result.parent_run_id).info.status == "FINISHED"
