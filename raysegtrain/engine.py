@@ -215,7 +215,11 @@ class SegmentationTrainer:
     def build_model(self) -> torch.nn.Module:
         from .model import build_model
 
-        model = build_model(self.cfg).to(self.device)
+        model = build_model(self.cfg)
+        if self.cfg.scaling.sync_batchnorm and self.device.type == "cuda" and self.world_size > 1:
+            # gloo (CPU) has no SyncBatchNorm; on GPUs it must be converted before DDP wraps the model
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.module = model  # the bare model; self.model may be a DDP wrapper around it
