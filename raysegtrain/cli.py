@@ -124,8 +124,6 @@ def cmd_config(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    import subprocess
-
     from . import tracking
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
@@ -135,10 +133,9 @@ def cmd_ui(args) -> int:
     print(f"MLflow UI for {uri}\n  runs table: {link}\n  (Ctrl-C stops it)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    # become the server (no child left behind when this process is stopped)
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
 
 
 # ------------------------------------------------------------------------------------------------------- parser
