@@ -133,9 +133,27 @@ def cmd_ui(args) -> int:
     print(f"MLflow UI for {uri}\n  runs table: {link}\n  (Ctrl-C stops it)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
            "--port", str(args.port)]
-    # become the server (no child left behind when this process is stopped)
-    os.execv(sys.executable, cmd)
-    return 0  # not reached
+    import signal
+    import subprocess
+
+    server = subprocess.Popen(cmd, start_new_session=True)  # its own process group: stopped as a whole below
+
+    def stop(*_):
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        stop()
+        return 0
 
 
 # ------------------------------------------------------------------------------------------------------- parser
