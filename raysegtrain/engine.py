@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .config import Config
+from .data.normalize import input_normalizer, model_input
 from .errors import TrainingError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -161,6 +162,7 @@ class SegmentationTrainer:
     def setup(self) -> None:
         seed_everything(self.seed, deterministic=self.cfg.train.deterministic)
         self.train_set, self.val_set = self.build_datasets()
+        self.normalizer = input_normalizer(self.train_set, self.cfg.data)  # uint8 batches -> model input, on device
         self.train_loader, self.val_loader = self.build_loaders()
         self.model = self.build_model()
         self.encoder_frozen = False
@@ -389,24 +391,26 @@ class SegmentationTrainer:
         images, masks, preds = [], [], []
         for i in range(min(n, len(self.val_set))):
             item = self.val_set[i]
-            x = item["image"].unsqueeze(0).to(self.device)
+            x = model_input(item["image"].unsqueeze(0).to(self.device), self.normalizer)
             with self.autocast():
                 logits = self.model(x).float()
             preds.append(self.meter.predict(logits)[0].cpu().numpy())
-            images.append(item["image"].numpy())
-            masks.append(item["mask"].numpy())
-        return {"images": to_display(np.stack(images)) if images else np.zeros((0, 1, 1, 3), np.uint8),
+            images.append(to_display(item["image"].unsqueeze(0).numpy())[0])  # uint8 as is; float stretched
+            masks.append(item["mask"].long().numpy())
+        return {"images": np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8),
                 "masks": np.stack(masks) if masks else np.zeros((0, 1, 1), np.int64),
                 "preds": np.stack(preds) if preds else np.zeros((0, 1, 1), np.int64),
                 "confusion": self.meter.confusion_matrix()}
 
     # ------------------------------------------------------------------------------------------------- helpers
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(model input, long mask) on the device. uint8 images and compact masks cross as they are (a quarter and
+        an eighth of float32/int64's bytes) and are normalised / widened there; float images are model input."""
         x = batch["image"].to(self.device, non_blocking=True)
-        y = batch["mask"].to(self.device, non_blocking=True)
+        y = batch["mask"].to(self.device, non_blocking=True).long()
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x, y
+            x = x.contiguous(memory_format=torch.channels_last)  # on uint8: the cheap place for the reorder
+        return model_input(x, self.normalizer), y
 
     def autocast(self):
         if self.amp_dtype is None:

@@ -4,9 +4,10 @@ MODEL is a checkpoint file or folder (`checkpoint.pt`, or a folder holding `best
 `runs:/<run_id>[/<artifact path>]` or a bare 32-hex run id, whose `best_checkpoint` artifact is downloaded from the
 tracking store (`--tracking-uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).
 
-Preprocessing is the validation transform of the checkpoint's config (same size policy, same mean/std), so a
-prediction at the training size is exactly what validation scored. The transform's output is mapped back to the
-input's pixels: the region the image occupies after padding is found by sending a mask of ones through the same
+Preprocessing is validation's: the eval transform of the checkpoint's config (same size policy; 8-bit images stay
+uint8 through it, as in the training loop), then the same on-device normalisation (same mean/std), so a prediction
+at the training size is exactly what validation scored. The transform's output is mapped back to the input's
+pixels: the region the image occupies after padding is found by sending a mask of ones through the same
 transform (padding fills masks with 0 or `ignore_index`, never 1), then cropped and, for the resize policy, resized
 back. Sliding-window inference instead works at the image's own resolution with windows of the training size.
 """
@@ -355,18 +356,24 @@ class InferenceOptions:
 
 
 class Predictor:
-    """Images (HxWxC float32 0..1, as `read_image` gives them) → probabilities and masks at their own size."""
+    """Images → probabilities and masks at their own size. An image is HxWxC uint8 (0..255) or float 0..1: what
+    `io.read_pixels` (uint8 for 8-bit files: the validation pipeline's own path) or `io.read_image` give.
+
+    Preprocessing is validation's: the eval transform (on the image's own type), then on the device the same
+    `Normalizer` the training loop applies."""
 
     def __init__(self, model: nn.Module, cfg: Config, mean, std, options: InferenceOptions = InferenceOptions()):
+        from .data.normalize import Normalizer
         from .data.transforms import build_eval_transform
         from .engine import resolve_amp
 
         self.model, self.cfg, self.options = model.eval(), cfg, options
         self.device = next(model.parameters()).device
         self.amp_dtype = resolve_amp(cfg.train.amp, self.device)
-        self.transform = build_eval_transform(cfg.data, mean, std)
+        self.normalizer = Normalizer(mean, std)
+        self.transform = build_eval_transform(cfg.data)
         # sliding windows see the image at its own resolution: only padding to a multiple of 32, then windows
-        self.native_transform = build_eval_transform(cfg.data.model_copy(update={"resize_policy": "pad"}), mean, std)
+        self.native_transform = build_eval_transform(cfg.data.model_copy(update={"resize_policy": "pad"}))
         h, w = cfg.data.size_hw
         self.window = (-(-h // SIZE_DIVISOR) * SIZE_DIVISOR, -(-w // SIZE_DIVISOR) * SIZE_DIVISOR)
 
@@ -381,7 +388,7 @@ class Predictor:
         prepared = [self._prepare(self.transform, image) for image in images]
         out: list[torch.Tensor] = []
         for group in _same_shape_runs(prepared, self.options.batch_size):
-            batch = torch.stack([x for x, _, _ in group]).to(self.device)
+            batch = self.normalizer(torch.stack([x for x, _, _ in group]).to(self.device))
             probs = predict_probs(self.model, batch, self.options.tta, self.amp_dtype)
             out.extend(_restore(p, box, size) for p, (_, box, size) in zip(probs, group))
         return out
@@ -398,25 +405,27 @@ class Predictor:
     def _sliding(self, image: np.ndarray) -> torch.Tensor:
         x, box, size = self._prepare(self.native_transform, image)
         o = self.options
-        probs = sliding_window_probs(self.model, x[None].to(self.device), self.window, o.overlap, o.blend, o.tta,
-                                     o.batch_size, self.amp_dtype)
+        x = self.normalizer(x[None].to(self.device))
+        probs = sliding_window_probs(self.model, x, self.window, o.overlap, o.blend, o.tta, o.batch_size,
+                                     self.amp_dtype)
         return _restore(probs[0], box, size)
 
     @staticmethod
     def _prepare(transform, image: np.ndarray):
-        """(C×h×w tensor, (top, left, bottom, right) of the image in it, original (H, W))."""
+        """(C×h×w tensor of the image's type, not normalised; (top, left, bottom, right) of the image in it;
+        original (H, W))."""
         out = transform(image=image, mask=np.ones(image.shape[:2], np.int32))
         inside = np.asarray(out["mask"]) == 1
         rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
         box = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
-        return out["image"].float(), box, image.shape[:2]
+        return out["image"], box, image.shape[:2]
 
 
 def _same_shape_runs(items: list, limit: int):
-    """Consecutive items whose tensors share a shape, at most LIMIT at a time (one batch each)."""
+    """Consecutive items whose tensors share a shape and type, at most LIMIT at a time (one batch each)."""
     run: list = []
     for item in items:
-        if run and (len(run) == limit or run[0][0].shape != item[0].shape):
+        if run and (len(run) == limit or run[0][0].shape != item[0].shape or run[0][0].dtype != item[0].dtype):
             yield run
             run = []
         run.append(item)

@@ -86,7 +86,13 @@ def overlays(images: np.ndarray, masks: np.ndarray, preds: np.ndarray, num_class
 
 
 def to_display(images: np.ndarray) -> np.ndarray:
-    """Normalised NCHW float images → uint8 NHWC (per-image min-max; gray repeated to RGB)."""
+    """NCHW images → uint8 NHWC (gray repeated to RGB). uint8 images are the pixels themselves and are shown as they
+    are; float images (normalised model input) are stretched per image (min-max)."""
+    if images.dtype == np.uint8:
+        x = np.transpose(images, (0, 2, 3, 1))
+        if x.shape[-1] == 1:
+            x = np.repeat(x, 3, axis=-1)
+        return np.ascontiguousarray(x[..., :3])
     x = images.astype(np.float32)
     lo = x.min(axis=(1, 2, 3), keepdims=True)
     hi = x.max(axis=(1, 2, 3), keepdims=True)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Sequence
 import cv2
 import numpy as np
 
-from .data.io import IMAGE_EXTENSIONS, read_image
+from .data.io import IMAGE_EXTENSIONS, read_pixels
 from .errors import DataError, UserError
 from .inference import InferenceOptions, LoadedModel, Predictor, model_from_state
 
@@ -116,8 +116,10 @@ def mask_png(mask: np.ndarray, binary: bool) -> np.ndarray:
 
 
 def display_rgb(image: np.ndarray) -> np.ndarray:
-    """HxWxC float 0..1 → uint8 RGB (gray repeated; extra channels dropped)."""
+    """HxWxC uint8, or float 0..1 → uint8 RGB (gray repeated; extra channels dropped)."""
     rgb = image[:, :, :3] if image.shape[2] >= 3 else np.repeat(image[:, :, :1], 3, axis=2)
+    if rgb.dtype == np.uint8:
+        return np.ascontiguousarray(rgb)
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -134,7 +136,7 @@ def write_outputs(image_path: Path, image: np.ndarray, mask: np.ndarray, out_dir
 
 def predict_and_write(predictor: Predictor, paths: Sequence[Path], out_dir: Path) -> None:
     cfg = predictor.cfg
-    images = [read_image(p, cfg.data.in_channels) for p in paths]
+    images = [read_pixels(p, cfg.data.in_channels) for p in paths]  # 8-bit stays uint8, as in validation
     for path, image, mask in zip(paths, images, predictor.masks(images)):
         write_outputs(path, image, mask, out_dir, cfg.data.num_classes)
 

@@ -68,13 +68,14 @@ def bare_loop(arch: str, encoder: str, batch: int, steps: int = 30, warm: int = 
 
 
 class RandomTensors(torch.utils.data.Dataset):
-    """N random (image, mask) pairs in host memory, returned as the real dataset returns them."""
+    """N random (image, mask) pairs in host memory, returned as the real dataset returns them: uint8 CxHxW images
+    (normalised on the GPU by the engine) and uint8 HxW binary masks (widened to long on the GPU)."""
 
     def __init__(self, n: int, distinct: int = 64, size: int = SIZE):
         g = torch.Generator().manual_seed(0)
         self.n = n
-        self.images = torch.randn(distinct, 3, size, size, generator=g)
-        self.masks = (torch.rand(distinct, size, size, generator=g) > 0.5).long()
+        self.images = torch.randint(0, 256, (distinct, 3, size, size), generator=g, dtype=torch.uint8)
+        self.masks = (torch.rand(distinct, size, size, generator=g) > 0.5).to(torch.uint8)
 
     def __len__(self):
         return self.n

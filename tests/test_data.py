@@ -16,9 +16,10 @@ from raysegtrain.config import DataConfig, SyntheticConfig
 from raysegtrain.data import synthetic
 from raysegtrain.data.dataset import (SegmentationDataset, build_dataset, class_weights, has_split, list_split,
                                       resolve_root, weights_from_counts)
-from raysegtrain.data.io import read_image, read_mask
+from raysegtrain.data.io import read_image, read_mask, read_pixels
+from raysegtrain.data.normalize import Normalizer
 from raysegtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform,
-                                         mean_std, validate_augment)
+                                         default_augment, mean_std, validate_augment)
 from raysegtrain.errors import ConfigError, DataError
 
 TINY = SyntheticConfig(size=32, num_train=4, num_val=2, num_test=1, seed=3)
@@ -128,6 +129,32 @@ def test_rgb_order_and_scaling(tmp_path):
     image = read_image(write_rgb(tmp_path / "r.png", red), 3)
     assert image.shape == (4, 5, 3) and image.dtype == np.float32
     assert image[..., 0].min() == 1.0 and image[..., 1:].max() == 0.0
+
+
+def test_read_pixels_keeps_8_bit_images_uint8(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (4, 5, 3), dtype=np.uint8)
+    path = write_rgb(tmp_path / "c.png", rgb)
+    pixels = read_pixels(path, 3)
+    assert pixels.dtype == np.uint8 and np.array_equal(pixels, rgb)  # RGB order, values as stored
+    assert np.array_equal(pixels.astype(np.float32) / np.float32(255), read_image(path, 3))
+    gray = write_gray(tmp_path / "g.png", rgb[..., 0])
+    assert read_pixels(gray, 1).dtype == np.uint8 and read_pixels(gray, 1).shape == (4, 5, 1)
+    assert np.array_equal(read_pixels(gray, 3), np.repeat(rgb[..., :1], 3, axis=2))
+    to_gray = read_pixels(path, 1)  # RGB file, 1-channel model: gray in 8 bits, within half a level of float
+    assert to_gray.dtype == np.uint8 and np.abs(to_gray / 255 - read_image(path, 1)).max() <= 0.5 / 255 + 1e-6
+    jpeg = tmp_path / "j.jpg"
+    assert cv2.imwrite(str(jpeg), rgb) and read_pixels(jpeg, 3).dtype == np.uint8
+
+
+def test_read_pixels_gives_other_depths_as_float_0_to_1(tmp_path):
+    sixteen = write_gray(tmp_path / "g16.png", np.full((6, 7), 65535 // 5, np.uint16))
+    assert read_pixels(sixteen, 3).dtype == np.float32
+    assert np.array_equal(read_pixels(sixteen, 3), read_image(sixteen, 3))
+    tifffile.imwrite(tmp_path / "f.tif", np.full((5, 4, 3), 0.25, np.float32), photometric="rgb")
+    assert read_pixels(tmp_path / "f.tif", 3).dtype == np.float32 and np.allclose(read_pixels(tmp_path / "f.tif", 3),
+                                                                                  0.25)
+    tifffile.imwrite(tmp_path / "a.tif", np.full((5, 4, 3), 51, np.uint8), photometric="rgb")
+    assert read_pixels(tmp_path / "a.tif", 3).dtype == np.uint8
 
 
 def test_16bit_gray_image_to_rgb_and_gray(tmp_path):
@@ -319,41 +346,80 @@ def test_resolve_root_defaults_to_the_synthetic_cache(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- transforms
-def multiclass_sample(h=48, w=64):
+def multiclass_sample(h=48, w=64, dtype=np.float32):
     rng = np.random.default_rng(0)
     image = rng.random((h, w, 3), dtype=np.float32)
+    image = (image * 255).astype(np.uint8) if dtype == np.uint8 else image
     mask = np.zeros((h, w), np.int32)
     mask[5:20, 5:30], mask[25:40, 10:20], mask[10:30, 40:60], mask[0:3, :] = 1, 2, 3, 255
     return image, mask
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 @pytest.mark.parametrize("policy", ["resize", "pad_crop", "pad"])
-def test_default_augmentation_keeps_mask_values_and_shapes(policy):
+def test_default_augmentation_keeps_mask_values_and_shapes(policy, dtype):
     cfg = DataConfig(root=".", num_classes=4, ignore_index=255, image_size=32, resize_policy=policy, augment_p=1.0)
-    transform = build_train_transform(cfg, IMAGENET_MEAN, IMAGENET_STD)
-    image, mask = multiclass_sample()
+    transform = build_train_transform(cfg)
+    image, mask = multiclass_sample(dtype=dtype)
+    mask = mask.astype(np.uint8)  # as the dataset sends it: the class set and 255 fit in uint8
     expected = {"resize": (32, 32), "pad_crop": (32, 32), "pad": (64, 64)}[policy]
-    for _ in range(30):
+    torch_dtype = torch.uint8 if dtype == np.uint8 else torch.float32
+    seen: set[int] = set()
+    for seed in range(30):
+        transform.set_random_seed(seed)
         out = transform(image=image, mask=mask)
-        assert tuple(out["image"].shape) == (3, *expected) and out["image"].dtype == torch.float32
-        assert tuple(out["mask"].shape) == expected
-        assert set(np.unique(out["mask"].numpy()).tolist()) <= {0, 1, 2, 3, 255}
+        assert tuple(out["image"].shape) == (3, *expected) and out["image"].dtype == torch_dtype  # type kept
+        assert tuple(out["mask"].shape) == expected and out["mask"].dtype == torch.uint8
+        values = set(np.unique(out["mask"].numpy()).tolist())
+        assert values <= {0, 1, 2, 3, 255}
+        seen |= values
+    assert seen == {0, 1, 2, 3, 255}
+
+
+def test_default_augmentation_means_the_same_on_uint8_and_float():
+    """Albumentations takes its limits on the 0..1 scale for both types: with one seed, each default transform's
+    uint8 output is its float output rounded to 8 bits (within 1 level: noise and brightness round twice). Chained,
+    the roundings add up, and HueSaturationValue (8-bit inside, even for float input) turns a 1-level difference
+    into a few levels on some saturated pixels; on average the two stay within a level."""
+    import albumentations as A
+
+    cfg = DataConfig(root=".", num_classes=4, ignore_index=255, image_size=32, augment_p=1.0)
+    image8, mask = multiclass_sample(dtype=np.uint8)
+    image, mask = image8.astype(np.float32) / 255, mask.astype(np.uint8)
+    singles = [t for step in default_augment(cfg) for t in (step.transforms if isinstance(step, A.OneOf) else [step])]
+    assert {type(t).__name__ for t in singles} >= {"Affine", "RandomBrightnessContrast", "HueSaturationValue",
+                                                    "GaussNoise", "GaussianBlur"}
+    for t in singles:
+        for seed in range(10):
+            a = A.Compose([t], seed=seed)(image=image8)["image"]
+            b = A.Compose([t], seed=seed)(image=image)["image"]
+            assert a.dtype == np.uint8 and b.dtype == np.float32
+            assert np.abs(a / np.float32(255) - b).max() <= 1 / 255 + 1e-6, type(t).__name__
+    transform = build_train_transform(cfg)
+    for seed in range(20):
+        transform.set_random_seed(seed)
+        a = transform(image=image8, mask=mask)
+        transform.set_random_seed(seed)
+        b = transform(image=image, mask=mask)
+        assert torch.equal(a["mask"], b["mask"])  # the same geometry
+        assert float((a["image"].float() / 255 - b["image"]).abs().mean()) < 1 / 255
 
 
 def test_resize_uses_nearest_for_masks():
     cfg = DataConfig(root=".", num_classes=4, image_size=96, augment="none")
     _, mask = multiclass_sample()
     mask[mask == 255] = 0
-    out = build_eval_transform(cfg, (0.5,) * 3, (0.25,) * 3)(image=np.zeros((48, 64, 3), np.float32), mask=mask)
+    out = build_eval_transform(cfg)(image=np.zeros((48, 64, 3), np.uint8), mask=mask)
     assert set(np.unique(out["mask"].numpy()).tolist()) == {0, 1, 2, 3}
-    assert np.allclose(out["image"].numpy(), -2.0)  # (0 - 0.5) / 0.25
+    assert out["image"].dtype == torch.uint8 and int(out["image"].max()) == 0  # not normalised on the CPU
+    assert np.allclose(Normalizer((0.5,) * 3, (0.25,) * 3)(out["image"]).numpy(), -2.0)  # (0 - 0.5) / 0.25
 
 
 def test_padding_fills_the_mask_with_ignore_index_or_background():
     image, mask = np.ones((40, 50, 3), np.float32), np.ones((40, 50), np.int32)
     for ignore, fill in ((255, 255), (None, 0)):
         cfg = DataConfig(root=".", ignore_index=ignore, resize_policy="pad", augment="none")
-        out = build_eval_transform(cfg, (0.0,) * 3, (1.0,) * 3)(image=image, mask=mask)
+        out = build_eval_transform(cfg)(image=image, mask=mask)
         m = out["mask"].numpy()
         assert m.shape == (64, 64) and (m == 1).sum() == 40 * 50 and (m == fill).sum() == 64 * 64 - 40 * 50
 
@@ -361,15 +427,20 @@ def test_padding_fills_the_mask_with_ignore_index_or_background():
 def test_pad_crop_evaluation_keeps_every_pixel():
     cfg = DataConfig(root=".", image_size=32, resize_policy="pad_crop")
     image, mask = np.ones((40, 70, 3), np.float32), np.ones((40, 70), np.int32)
-    out = build_eval_transform(cfg, (0.0,) * 3, (1.0,) * 3)(image=image, mask=mask)
+    out = build_eval_transform(cfg)(image=image, mask=mask)
     assert tuple(out["mask"].shape) == (64, 96) and int(out["mask"].sum()) == 40 * 70
 
 
-def test_gray_default_pipeline():
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_gray_default_pipeline(dtype):
     cfg = DataConfig(root=".", in_channels=1, image_size=32, augment_p=1.0)
-    out = build_train_transform(cfg, (0.449,), (0.226,))(image=np.random.rand(40, 40, 1).astype(np.float32),
-                                                         mask=np.zeros((40, 40), np.int32))
-    assert tuple(out["image"].shape) == (1, 32, 32)
+    transform = build_train_transform(cfg)
+    image = np.random.default_rng(0).random((40, 40, 1), dtype=np.float32)
+    image = (image * 255).astype(np.uint8) if dtype == np.uint8 else image
+    for seed in range(10):
+        transform.set_random_seed(seed)
+        out = transform(image=image, mask=np.zeros((40, 40), np.uint8))
+        assert tuple(out["image"].shape) == (1, 32, 32) and out["image"].numpy().dtype == dtype
 
 
 def test_yaml_augment_list_builds():
@@ -379,7 +450,7 @@ def test_yaml_augment_list_builds():
     validate_augment(spec)
     cfg = DataConfig(root=".", augment=spec, image_size=32)
     image, mask = multiclass_sample()
-    out = build_train_transform(cfg, (0.0,) * 3, (1.0,) * 3)(image=image, mask=mask)
+    out = build_train_transform(cfg)(image=image, mask=mask)
     assert tuple(out["image"].shape) == (3, 32, 32)
 
 
@@ -418,15 +489,68 @@ def test_dataset_items_and_memory_cache(tmp_path):
     cfg = DataConfig(root=tmp_path, image_size=32, cache="memory")
     train = build_dataset(cfg, "train", train=True)
     item = train[1]
-    assert item["index"] == 1 and item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
-    assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.int64
+    assert item["index"] == 1 and item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.uint8
+    assert item["mask"].shape == (32, 32) and item["mask"].dtype == torch.uint8  # .long() on the device
     assert set(item["mask"].unique().tolist()) <= {0, 1}
+    assert train.normalizer.mean == IMAGENET_MEAN and train.normalizer.std == IMAGENET_STD
+    assert train.raw(1)[0].dtype == np.uint8 and train.raw(1)[1].dtype == np.int64
     (tmp_path / "images" / "b.png").unlink()  # served from the cache now
     assert train[1]["mask"].shape == (32, 32)
     val = build_dataset(cfg.model_copy(update={"cache": "none"}), "val", train=False)
     assert len(val) == 1 and val.stems == ["c"]
     plain = SegmentationDataset(list_split(cfg, "val"), cfg)
-    assert plain[0]["image"].shape == (3, 40, 40)
+    assert plain[0]["image"].shape == (3, 40, 40) and plain[0]["image"].dtype == torch.uint8
+    stored = read_pixels(list_split(cfg, "val")[0][0], 3)
+    assert torch.equal(plain[0]["image"], torch.from_numpy(stored).permute(2, 0, 1))
+
+
+def test_mask_dtype_follows_the_class_set(tmp_path):
+    from raysegtrain.data.dataset import mask_dtype
+
+    assert mask_dtype(DataConfig(root=".")) == np.uint8
+    assert mask_dtype(DataConfig(root=".", num_classes=256, ignore_index=None)) == np.uint8
+    assert mask_dtype(DataConfig(root=".", num_classes=4, ignore_index=255)) == np.uint8
+    assert mask_dtype(DataConfig(root=".", num_classes=4, ignore_index=256)) == np.int32
+    assert mask_dtype(DataConfig(root=".", num_classes=300)) == np.int32
+    rng = np.random.default_rng(0)
+    (tmp_path / "splits").mkdir()
+    (tmp_path / "splits" / "train.txt").write_text("a\n")
+    (tmp_path / "splits" / "val.txt").write_text("a\n")
+    write_rgb(tmp_path / "images" / "a.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    labels = rng.integers(0, 4, (32, 32)).astype(np.uint16)
+    labels[:4] = 65535
+    write_gray(tmp_path / "masks" / "a.png", labels)
+    cfg = DataConfig(root=tmp_path, num_classes=4, ignore_index=65535, image_size=32, resize_policy="pad",
+                     mask_format="index", augment_p=1.0)
+    assert torch.equal(build_dataset(cfg, "train", train=False)[0]["mask"], torch.from_numpy(labels.astype(np.int32)))
+    augmented = build_dataset(cfg, "train", train=True)
+    for seed in range(10):
+        mask = augmented[(0, seed)]["mask"]
+        assert mask.dtype == torch.int32 and set(mask.unique().tolist()) <= {0, 1, 2, 3, 65535}
+
+
+def test_loader_batches_are_uint8_and_mixed_depths_come_out_normalised(tmp_path):
+    make_split_files_set(tmp_path, {"train": ["a", "b", "c", "d"], "val": ["e"]}, hw=(32, 32))
+    cfg = DataConfig(root=tmp_path, image_size=32, augment_p=1.0)
+    dataset = build_dataset(cfg, "train", train=True)
+    for workers in (0, 2):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers,
+                                             multiprocessing_context=multiprocessing.get_context("fork")
+                                             if workers else None)
+        batches = list(loader)
+        assert len(batches) == 2
+        for batch in batches:
+            assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (2, 3, 32, 32)
+            assert batch["mask"].dtype == torch.uint8 and batch["mask"].shape == (2, 32, 32)
+    # one 16-bit file among 8-bit ones: that batch is all float, normalised on the CPU as before
+    write_gray(tmp_path / "images" / "b.png", np.full((32, 32), 65535 // 5, np.uint16))
+    dataset = build_dataset(cfg.model_copy(update={"augment": "none"}), "train", train=True)
+    mixed, plain = torch.utils.data.DataLoader(dataset, batch_size=2)
+    assert plain["image"].dtype == torch.uint8
+    assert mixed["image"].dtype == torch.float32
+    expected = Normalizer(IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(mixed["image"][0], expected(dataset[0]["image"]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed["image"][1], expected(torch.full((3, 32, 32), 0.2)), rtol=0, atol=1e-4)
 
 
 def test_augmentations_differ_across_loader_workers_and_epochs(tmp_path):

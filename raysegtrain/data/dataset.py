@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from ..config import DataConfig
 from ..errors import DataError
 from . import synthetic
-from .io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, read_image, read_mask
+from .io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, read_mask, read_pixels
+from .normalize import Normalizer
 from .transforms import build_eval_transform, build_train_transform, evenly_spaced, mean_std
 
 CLASS_WEIGHT_MAX_MASKS = 2048  # auto class weights: at most this many train masks, evenly spaced
@@ -133,17 +134,27 @@ def _pairs_from_folders(cfg: DataConfig, root: Path, name: str) -> list[Pair]:
 
 # --------------------------------------------------------------------------------------------------------- dataset
 class SegmentationDataset(Dataset):
-    """Items are dict(image=FloatTensor CxHxW (normalised), mask=LongTensor HxW, index=int).
+    """Items are dict(image=CxHxW tensor, mask=HxW integer tensor, index=int).
+
+    image: uint8 0..255 for 8-bit files, not normalised: the engine copies it to the device as uint8 and normalises
+    it there (`normalize.model_input`). Other depths (16-bit, float files) come out float32, normalised here with
+    `normalizer` (0..1 without one), as all images did before. A batch that mixes the two (`__getitems__`) comes
+    out all float, normalised here.
+    mask: class ids as uint8 when num_classes <= 256 and ignore_index (if any) <= 255, else int32: 1 or 4 bytes a
+    pixel instead of int64's 8 through the loader; the engine takes `.long()` on the device.
 
     cache=True keeps each decoded (image, mask) in memory after its first read; every DataLoader worker process
     holds its own copy, so pair it with persistent_workers=True.
     """
 
-    def __init__(self, pairs: list[Pair], cfg: DataConfig, transform=None, cache: bool = False):
+    def __init__(self, pairs: list[Pair], cfg: DataConfig, transform=None, cache: bool = False,
+                 normalizer: Normalizer | None = None):
         self.pairs = list(pairs)
         self.cfg = cfg
         self.transform = transform
         self.cache = cache
+        self.normalizer = normalizer
+        self.mask_dtype = mask_dtype(cfg)
         self._decoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._transform_seed: int | None = None
 
@@ -155,17 +166,22 @@ class SegmentationDataset(Dataset):
         return [image.stem for image, _ in self.pairs]
 
     def raw(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(HxWxC float32 0..1 image, HxW int64 mask) before any transform (e.g. for overlays)."""
+        """(HxWxC image as io.read_pixels gives it, HxW int64 mask) before any transform (e.g. for overlays)."""
+        image, mask = self._load(index)
+        return image, mask.astype(np.int64)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(image, mask as self.mask_dtype), from the cache when it holds them."""
         if index in self._decoded:
-            image, mask = self._decoded[index]
-            return image, mask.astype(np.int64)
+            return self._decoded[index]
         image_path, mask_path = self.pairs[index]
-        image, mask = read_image(image_path, self.cfg.in_channels), read_mask(mask_path, self.cfg)
+        image, mask = read_pixels(image_path, self.cfg.in_channels), read_mask(mask_path, self.cfg)
         if image.shape[:2] != mask.shape:
             raise DataError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its mask {mask_path} "
                             f"is {mask.shape[1]}x{mask.shape[0]}")
+        mask = mask.astype(self.mask_dtype)  # read_mask checked every value against the class set
         if self.cache:
-            self._decoded[index] = (image, _compact(mask))
+            self._decoded[index] = (image, mask)
         return image, mask
 
     accepts_seeded_index = True  # dataset[(i, seed)]: item i with its augmentation seeded by SEED
@@ -174,8 +190,7 @@ class SegmentationDataset(Dataset):
         seed = None
         if isinstance(index, tuple):
             index, seed = index
-        image, mask = self.raw(index)
-        mask = mask.astype(np.int32)  # cv2 warps cannot take int64
+        image, mask = self._load(index)
         if self.transform is not None:
             if seed is not None and hasattr(self.transform, "set_random_seed"):
                 self.transform.set_random_seed(seed)
@@ -186,9 +201,26 @@ class SegmentationDataset(Dataset):
             image, mask = out["image"], out["mask"]
         else:
             image = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        mask = torch.as_tensor(mask).long()
-        return {"image": image.float(), "mask": mask, "index": index}
+        mask = torch.as_tensor(mask)
+        if image.dtype != torch.uint8:
+            image = self._as_float(image)
+        return {"image": image, "mask": mask, "index": index}
 
+    def __getitems__(self, keys: list) -> list[dict]:
+        """A batch's items (what DataLoader collates): uint8 and float images cannot share a batch, so when 8-bit
+        and other files meet, the uint8 ones are normalised here too."""
+        items = [self[key] for key in keys]
+        if len({item["image"].dtype for item in items}) > 1:
+            for item in items:
+                if item["image"].dtype == torch.uint8:
+                    item["image"] = self._as_float(item["image"])
+        return items
+
+    def _as_float(self, image: torch.Tensor) -> torch.Tensor:
+        """Float CxHxW: normalised with `normalizer`, else on the 0..1 scale."""
+        if self.normalizer is not None:
+            return self.normalizer(image)
+        return image.float().div_(255.0) if image.dtype == torch.uint8 else image.float()
 
     def _seed_transform(self) -> None:
         """Albumentations keeps its own generator, copied as is into every DataLoader worker: without a reseed all
@@ -200,16 +232,18 @@ class SegmentationDataset(Dataset):
             self._transform_seed = seed
 
 
-def _compact(mask: np.ndarray) -> np.ndarray:
-    return mask.astype(np.uint8 if mask.max(initial=0) < 256 and mask.min(initial=0) >= 0 else np.int32)
+def mask_dtype(cfg: DataConfig) -> type:
+    """uint8 when every class id and ignore_index fit in it, else int32 (cv2 warps take neither int64 nor uint32)."""
+    top = max(cfg.num_classes - 1, cfg.ignore_index if cfg.ignore_index is not None else 0)
+    return np.uint8 if top <= 255 else np.int32
 
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, root: Path | None = None) -> SegmentationDataset:
-    """The split with the train (augmenting) or eval transform, normalised by mean_std(cfg, root)."""
+    """The split with the train (augmenting) or eval transform; its `normalizer` holds mean_std(cfg, root)."""
     root = root or resolve_root(cfg)
-    mean, std = mean_std(cfg, root)
-    transform = (build_train_transform if train else build_eval_transform)(cfg, mean, std)
-    return SegmentationDataset(list_split(cfg, split, root), cfg, transform, cache=cfg.cache == "memory")
+    transform = (build_train_transform if train else build_eval_transform)(cfg)
+    return SegmentationDataset(list_split(cfg, split, root), cfg, transform, cache=cfg.cache == "memory",
+                               normalizer=Normalizer(*mean_std(cfg, root)))
 
 
 # --------------------------------------------------------------------------------------------------- class weights

@@ -1,6 +1,8 @@
 """Reading images and masks from disk into the arrays the pipeline uses.
 
-`read_image` -> HxWxC float32 in 0..1 with exactly `in_channels` channels (RGB order).
+`read_pixels` -> HxWxC with exactly `in_channels` channels (RGB order), as the training and inference pipelines take
+                 it: uint8 0..255 for 8-bit files (nearly all PNG/JPEG), float32 0..1 for the rest (16-bit, float).
+`read_image` -> the same pixels as float32 in 0..1, whatever the file's depth (statistics, callers doing arithmetic).
 `read_mask`  -> HxW int64 class ids (plus `ignore_index`), whatever the file's format.
 Every failure is a `DataError` that names the file; the subclasses below let `check_dataset` sort problems by kind.
 """
@@ -74,6 +76,22 @@ def read_image(path: str | Path, in_channels: int) -> np.ndarray:
     """HxWxC float32 in 0..1, C = in_channels (gray is replicated to RGB, RGB is converted to gray)."""
     array = decode(path)
     return to_channels(scale_to_unit(array, path), in_channels, path)
+
+
+def read_pixels(path: str | Path, in_channels: int) -> np.ndarray:
+    """HxWxC, C = in_channels: uint8 for 8-bit files, float32 in 0..1 for other depths.
+
+    This is what the datasets and `predict` feed their transforms: augmentation runs on uint8 (decode plus the
+    default pipeline take about half the time they take on float32), and the batch crosses loader workers, pinned memory and the host-to-device copy at a
+    quarter of float32's bytes; `normalize.Normalizer` divides by 255 on the device. 16-bit and float files (rare)
+    keep their precision as float32 0..1, exactly as `read_image` gives them. An RGB file read into a 1-channel
+    model is converted to gray in 8 bits (cv2 rounds to the nearest level, within 0.5/255 of read_image's value)."""
+    array = decode(path)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * np.uint8(255)
+    if array.dtype != np.uint8:
+        array = scale_to_unit(array, path)
+    return to_channels(array, in_channels, path)
 
 
 def scale_to_unit(array: np.ndarray, path: str | Path = "") -> np.ndarray:

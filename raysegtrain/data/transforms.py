@@ -1,8 +1,12 @@
-"""Albumentations pipelines: size policy, augmentation, normalisation.
+"""Albumentations pipelines: size policy, augmentation, conversion to tensors. Normalisation is not here.
 
-Images enter as HxWxC float32 in 0..1 (see io.read_image), so Normalize uses max_pixel_value=1.0. Masks enter as
-integer class ids and are always resampled with nearest neighbour: every pipeline is a Compose with
-mask_interpolation=INTER_NEAREST, which overrides whatever a user-listed transform asks for.
+Images enter as io.read_pixels gives them: HxWxC uint8 for 8-bit files, float32 in 0..1 for other depths, and every
+transform keeps that type (Albumentations 2 takes limits such as GaussNoise's std_range or brightness on the 0..1
+scale for both, so one pipeline means the same on either). The pipeline ends with ToTensorV2: a CxHxW tensor of
+the same type, which the engine normalises on the device (see normalize.py) after copying a quarter of the bytes
+float32 would take. Masks enter as integer class ids (uint8 when the class set fits, else int32) and are always
+resampled with nearest neighbour: every pipeline is a Compose with mask_interpolation=INTER_NEAREST, which overrides
+whatever a user-listed transform asks for.
 
 Padding (resize_policy pad / pad_crop) fills the image with 0 and the mask with `ignore_index` when one is set, so
 padded pixels count in neither loss nor metrics; without ignore_index they are background (0), which is what a
@@ -32,18 +36,16 @@ STATS_MAX_IMAGES = 512  # dataset mean/std: at most this many train images, even
 
 
 # ------------------------------------------------------------------------------------------------------ pipelines
-def build_train_transform(cfg: DataConfig, mean, std) -> A.Compose:
+def build_train_transform(cfg: DataConfig) -> A.Compose:
+    """Size policy, then augmentation; image out as a CxHxW tensor of the input's type (not normalised)."""
     augment = build_augment(cfg)
-    steps = [*_train_size_steps(cfg), *([augment] if augment else []), *_finish(mean, std)]
+    steps = [*_train_size_steps(cfg), *([augment] if augment else []), ToTensorV2()]
     return A.Compose(steps, mask_interpolation=cv2.INTER_NEAREST)
 
 
-def build_eval_transform(cfg: DataConfig, mean, std) -> A.Compose:
-    return A.Compose([*_eval_size_steps(cfg), *_finish(mean, std)], mask_interpolation=cv2.INTER_NEAREST)
-
-
-def _finish(mean, std) -> list:
-    return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0), ToTensorV2()]
+def build_eval_transform(cfg: DataConfig) -> A.Compose:
+    """Size policy only; image out as a CxHxW tensor of the input's type (not normalised)."""
+    return A.Compose([*_eval_size_steps(cfg), ToTensorV2()], mask_interpolation=cv2.INTER_NEAREST)
 
 
 def _mask_fill(cfg: DataConfig) -> int:
@@ -184,15 +186,17 @@ def _one_line(e: Exception) -> str:
 
 
 def _try_on_sample(cls: type, args: dict, label: str, in_channels: int, size_hw: tuple[int, int]) -> None:
-    """Run the transform once (forced on) on a random image and mask, to catch errors that only show then."""
+    """Run the transform once (forced on) on a random image and mask, to catch errors that only show then: on
+    uint8 (8-bit files) and on float32 0..1 (16-bit files), the two kinds of image the pipeline sees."""
     rng = np.random.default_rng(0)
-    image = rng.random((*size_hw, in_channels), dtype=np.float32)
-    mask = rng.integers(0, 2, size_hw).astype(np.int32)
-    try:
-        forced = cls(**{**args, "p": 1.0})
-        A.Compose([forced], mask_interpolation=cv2.INTER_NEAREST)(image=image, mask=mask)
-    except Exception as e:  # any failure here is the user's transform failing on data like theirs
-        raise ConfigError(f"{label}: fails on a {in_channels}-channel float image: {_one_line(e)}") from None
+    unit = rng.random((*size_hw, in_channels), dtype=np.float32)
+    mask = rng.integers(0, 2, size_hw).astype(np.uint8)
+    for kind, image in (("uint8", (unit * 255).astype(np.uint8)), ("float", unit)):
+        try:
+            forced = cls(**{**args, "p": 1.0})
+            A.Compose([forced], mask_interpolation=cv2.INTER_NEAREST)(image=image, mask=mask)
+        except Exception as e:  # any failure here is the user's transform failing on data like theirs
+            raise ConfigError(f"{label}: fails on a {in_channels}-channel {kind} image: {_one_line(e)}") from None
 
 
 # ------------------------------------------------------------------------------------------------ normalisation
@@ -200,7 +204,8 @@ _STATS_CACHE: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
 
 
 def mean_std(cfg: DataConfig, root: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel (mean, std) on the 0..1 scale. Explicit cfg.mean / cfg.std win over `normalize`."""
+    """Per-channel (mean, std) on the 0..1 scale (a `normalize.Normalizer` applies them). Explicit cfg.mean /
+    cfg.std win over `normalize`."""
     mean = std = None
     if cfg.mean is None or cfg.std is None:
         mean, std = _policy_stats(cfg, Path(root))
