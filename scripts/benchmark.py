@@ -161,13 +161,15 @@ def main() -> int:
             r = fit_throughput(common + model, datasets=in_memory_datasets)
             emit({"model": spec, "row": "2 overhead", "gpus": 1, **r,
                   "ratio": r["img_s"] / ceiling if ceiling else None})
+        real = None
         if "real" in only:
-            r = fit_throughput(common + model)
+            real = r = fit_throughput(common + model)
             emit({"model": spec, "row": "3 real", "gpus": 1, **r, "ratio": r["img_s"] / ceiling if ceiling else None})
         if "scaling" in only and spec == args.models.split(",")[0]:
             base = None
             for n in [int(g) for g in args.gpus.split(",") if int(g) <= torch.cuda.device_count()]:
-                r = fit_throughput(common + model + [f"scaling.num_workers={n}"])
+                # the 1-GPU point is the real row itself when it ran
+                r = real if n == 1 and real else fit_throughput(common + model + [f"scaling.num_workers={n}"])
                 base = base or r["img_s"]
                 emit({"model": spec, "row": "5 scaling", "gpus": n, **r, "efficiency": r["img_s"] / (n * base)})
     if "pipeline" in only:
