@@ -189,6 +189,7 @@ def register(result: ExportResult, name: str, loaded: LoadedModel, tracking_uri:
         run_id = c.create_run(experiment, run_name=f"export-{name}",
                               tags={"raysegtrain.export_of": loaded.source}).info.run_id
     previous = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets it: restore it exactly
     mlflow.set_tracking_uri(uri)
     quiet = logging.getLogger("mlflow")
     level = quiet.level
@@ -208,5 +209,9 @@ def register(result: ExportResult, name: str, loaded: LoadedModel, tracking_uri:
     finally:
         quiet.setLevel(level)
         mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
     result.registered = (name, str(info.registered_model_version))
     return result.registered

@@ -116,7 +116,8 @@ def _cli(*args, cwd, env_extra=None):
     raytmp = tempfile.mkdtemp(prefix="rst")
     os.rmdir(raytmp)
     (cwd / "raytmp").symlink_to(raytmp)
-    env = {**os.environ, "RAY_TMPDIR": raytmp, **(env_extra or {})}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default store is the subject
+    env = {**env, "RAY_TMPDIR": raytmp, **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "raysegtrain", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
