@@ -275,6 +275,9 @@ class ScalingConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are placed across nodes")
     sync_batchnorm: bool = Field(False, description="SyncBatchNorm across GPU workers (GPU only)")
+    wait_for_resources: bool = Field(
+        False, description="skip the check against what the cluster has now and let the autoscaler add nodes "
+                           "(use_gpu=auto then means GPUs)")
 
     @field_validator("use_gpu", mode="before")
     @classmethod

@@ -33,9 +33,13 @@ class ProgressDisplay:
         self.enabled = mode is not None
         self.queue = None
         if self.enabled:
+            import ray
             from ray.util.queue import Queue
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-            self.queue = Queue(actor_options={"num_cpus": 0})
+            # on the driver's node: losing a worker node must not silence the display
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self._console = console
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

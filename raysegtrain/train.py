@@ -204,6 +204,12 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
 
 def ray_scaling(cfg: Config) -> RayScalingConfig:
     s = cfg.scaling
+    if s.wait_for_resources:  # an autoscaling cluster may have none of it yet: Ray waits for the nodes
+        use_gpu = s.use_gpu != "false"
+        return RayScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
+                                resources_per_worker={"CPU": s.cpus_per_worker,
+                                                      **({"GPU": s.gpus_per_worker} if use_gpu else {})},
+                                placement_strategy=s.placement_strategy)
     gpus = ray.cluster_resources().get("GPU", 0)
     if s.use_gpu == "true" and gpus == 0:
         raise ResourceError("scaling.use_gpu=true but the Ray cluster has no GPU (use scaling.use_gpu=auto or false)")

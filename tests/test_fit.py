@@ -148,3 +148,15 @@ def test_cli_fit_runs_end_to_end(tmp_path, tiny_cfg):
     assert "best val_iou" in p.stderr and "MLflow run" in p.stderr
     assert "on cpu (CPU) x 2 worker(s), fp32" in p.stderr and "epoch 2/2" in p.stderr
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "runs" / "cli").is_dir()
+
+
+def test_resources_are_checked_unless_the_autoscaler_is_to_add_them(tiny_cfg, ray_local):
+    from raysegtrain.errors import ResourceError
+    from raysegtrain.train import ray_scaling
+
+    with pytest.raises(ResourceError, match="no GPU"):
+        ray_scaling(tiny_cfg("scaling.use_gpu=true"))
+    with pytest.raises(ResourceError, match="need 64 CPUs"):
+        ray_scaling(tiny_cfg("scaling.num_workers=64"))
+    waiting = ray_scaling(tiny_cfg("scaling.num_workers=64", "scaling.wait_for_resources=true"))
+    assert waiting.num_workers == 64 and waiting.use_gpu and waiting.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
