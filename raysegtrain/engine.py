@@ -15,8 +15,9 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -109,6 +110,23 @@ def _seed_loader_worker(worker_id: int) -> None:
     random.seed(info.seed)
 
 
+def iterate(loader: DataLoader):
+    """iter(LOADER), with any worker processes it starts forked while OpenCV is single-threaded. OpenCV sizes its
+    thread pool to the whole machine in every worker (16 workers x 64 threads on a 64-core host fight over the
+    cores), and a forked worker must not resize the pool itself (it hangs), so the parent sets it around the fork.
+    One loader worker is then one core, as torch's own threads already are in a worker."""
+    if loader.num_workers == 0:
+        return iter(loader)
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return iter(loader)
+    finally:
+        cv2.setNumThreads(threads)
+
+
 # --------------------------------------------------------------------------------------------------------- trainer
 class SegmentationTrainer:
     def __init__(self, cfg: Config, hooks: Sequence[Hook] = (), *, device: torch.device | str | None = None,
@@ -118,6 +136,7 @@ class SegmentationTrainer:
         self.cfg = cfg
         self._datasets_fn = datasets  # (cfg) -> (train, val): a custom source instead of the configured folders
         self._t0 = t0 if t0 is not None else time.time()  # when the command started: for the first-step latency
+        self._created = time.time()  # start-up, split: t0 -> here (launching this process) -> setup -> first batch
         self._first_step_s: float | None = None
         self.rank, self.world_size = rank_and_world()
         self.is_main = self.rank == 0
@@ -153,6 +172,7 @@ class SegmentationTrainer:
         self.setup()
         if resume_state is not None:
             self.load_state_dict(resume_state)
+        self._set_up = time.time()
 
     def register(self, hook: Hook) -> None:
         hook.trainer = self
@@ -189,7 +209,7 @@ class SegmentationTrainer:
         if self.device.type != "cuda":
             return 0
         local = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
-        return max(2, min(16, (os.cpu_count() or 2) // max(1, local) - 1))
+        return max(2, min(16, usable_cpus() // max(1, local) - 1))
 
     def build_loaders(self) -> tuple[DataLoader, DataLoader]:
         workers = self.loader_workers()
@@ -297,26 +317,29 @@ class SegmentationTrainer:
         self.model.train()
         if self.encoder_frozen:
             self._encoder_eval()
-        self.train_sampler.set_epoch(self.epoch)
         epoch_seed = self.seed * 100_003 + self.epoch * 1009 + self.rank
         torch.manual_seed(epoch_seed)  # dropout etc.: an epoch's randomness depends only on (seed, epoch, rank)
-        self._loader_gen.manual_seed(epoch_seed)
+        max_batches = min(self.steps_per_epoch * self.grad_accum, len(self.train_loader))
+        batches_iter = self.device_batches(islice(self._train_batches(self.epoch, epoch_seed), max_batches))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-        max_batches = self.steps_per_epoch * self.grad_accum
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
         batches = images = 0
+        waited = 0.0  # seconds the loop stood waiting for the loader: the input pipeline's share of the epoch
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(self.train_loader):
-            if i >= max_batches:
+        for i in range(max_batches):
+            t = time.perf_counter()
+            pair = next(batches_iter, None)
+            waited += time.perf_counter() - t
+            if pair is None:
                 break
-            x, y = self.to_device(batch)
+            x, y = pair
             if self._first_step_s is None:
                 self._first_step_s = time.time() - self._t0
-            stepping = (i + 1) % self.grad_accum == 0 or i + 1 == max_batches or i + 1 == len(self.train_loader)
+            stepping = (i + 1) % self.grad_accum == 0 or i + 1 == max_batches
             sync = nullcontext() if stepping or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 loss = self.training_step(x, y)
@@ -330,20 +353,48 @@ class SegmentationTrainer:
             images += x.shape[0] * self.world_size
             if batches % self.nan_check_every == 0:
                 self._raise_if_bad(first_bad)
-            self._call("after_step", StepInfo(self.epoch, batches, min(max_batches, len(self.train_loader)), loss,
-                                              x.shape[0] * self.world_size, self.current_lr()))
+            self._call("after_step", StepInfo(self.epoch, batches, max_batches, loss, x.shape[0] * self.world_size,
+                                              self.current_lr()))
+        if self.epoch + 1 < self.epochs:
+            self._prefetch_train_batches(self.epoch + 1)  # the loader works through validation and reporting
         self._raise_if_bad(first_bad)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         train_loss = self._all_reduce_mean(loss_sum, batches)
         out = {"train_loss": train_loss, "lr": self.current_lr(), "epoch_time_s": elapsed,
-               "images_per_s": images / elapsed if elapsed > 0 else float("nan")}
+               "images_per_s": images / elapsed if elapsed > 0 else float("nan"),
+               "data_wait_share": waited / elapsed if elapsed > 0 else float("nan")}
         if self.device.type == "cuda":
             out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self._first_step_s is not None and not self.history:  # the first epoch this process ran
-            out["first_step_s"] = self._first_step_s
+            out.update(self.startup_times())
         return out
+
+    def startup_times(self) -> dict[str, float]:
+        """Seconds from the command to the first training step, and its parts: launching the process that runs
+        this trainer (Ray, imports), building data/model/optimizer, and the first batch from the loader."""
+        first = self._t0 + self._first_step_s
+        return {"first_step_s": self._first_step_s, "startup_launch_s": self._created - self._t0,
+                "startup_setup_s": self._set_up - self._created, "startup_first_batch_s": first - self._set_up}
+
+    def _train_batches(self, epoch: int, epoch_seed: int):
+        """The train loader's iterator for EPOCH: the one prefetched at the end of the previous epoch, else new."""
+        pending, self._pending_batches = getattr(self, "_pending_batches", None), None
+        if pending is not None and pending[0] == epoch:
+            return pending[1]
+        self.train_sampler.set_epoch(epoch)
+        self._loader_gen.manual_seed(epoch_seed)  # worker seeds (drawn when the workers start)
+        return iterate(self.train_loader)
+
+    def _prefetch_train_batches(self, epoch: int) -> None:
+        """Start EPOCH's iterator now: loader workers fill their queues while this epoch validates, checkpoints and
+        reports, so the next epoch opens on ready batches. What each sample gets does not depend on when it is drawn
+        (SeededSampler), so this changes no result. Nothing to gain without worker processes."""
+        if self.train_loader.num_workers == 0:
+            return
+        self.train_sampler.set_epoch(epoch)
+        self._pending_batches = (epoch, iterate(self.train_loader))
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -366,8 +417,7 @@ class SegmentationTrainer:
         self.meter.reset()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
-        for batch in self.val_loader:
-            x, y = self.to_device(batch)
+        for x, y in self.device_batches(iterate(self.val_loader)):
             with self.autocast():
                 logits = self.model(x)
             logits = logits.float()
@@ -403,6 +453,30 @@ class SegmentationTrainer:
                 "confusion": self.meter.confusion_matrix()}
 
     # ------------------------------------------------------------------------------------------------- helpers
+    def device_batches(self, batches: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(model input, mask) pairs on the device. On a GPU, batch i+1 is copied and normalised on a side stream
+        while step i computes: on the default stream the copy would wait for the step and the step for the copy."""
+        if self.device.type != "cuda":
+            yield from (self.to_device(b) for b in batches)
+            return
+        side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+
+        def start(batch):
+            with torch.cuda.stream(side):
+                return self.to_device(batch)
+
+        batches = iter(batches)
+        ahead = next(batches, None)
+        ahead = start(ahead) if ahead is not None else None
+        while ahead is not None:
+            main.wait_stream(side)
+            x, y = ahead
+            x.record_stream(main)  # made on the side stream, freed on the main one: tell the allocator
+            y.record_stream(main)
+            following = next(batches, None)
+            ahead = start(following) if following is not None else None
+            yield x, y
+
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(model input, long mask) on the device. uint8 images and compact masks cross as they are (a quarter and
         an eighth of float32/int64's bytes) and are normalised / widened there; float images are model input."""
@@ -551,6 +625,14 @@ class LocalCheckpointHook(Hook):
 
 
 # --------------------------------------------------------------------------------------------------- utilities
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's or Slurm's CPU set), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 2
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

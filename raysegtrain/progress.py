@@ -19,6 +19,8 @@ def format_epoch(m: dict, epochs: int, monitor: str) -> str:
     if best is not None and math.isfinite(best):
         parts.append(f"(best {best:.4f} @ {int(m['best_epoch'])})")
     parts.append(f"{m.get('images_per_s', float('nan')):.1f} img/s")
+    if "data_wait_share" in m:  # the share of the epoch spent waiting for the input pipeline
+        parts.append(f"data wait {100 * m['data_wait_share']:.0f}%")
     parts.append(f"{m.get('epoch_time_s', float('nan')):.1f}s")
     return "  ".join(parts)
 
@@ -102,7 +104,8 @@ class ProgressDisplay:
                 self.progress.reset(self.step_task, total=steps, description=f"epoch {epoch + 1}")
         elif kind == "step" and self.step_task is not None:
             _, epoch, step, steps, loss, lr = item
-            self.progress.update(self.step_task, completed=step, info=f"loss {loss:.4f} lr {lr:.2e}")
+            shown = f"loss {loss:.4f} lr {lr:.2e}" if math.isfinite(loss) else f"lr {lr:.2e}"  # nan: none landed yet
+            self.progress.update(self.step_task, completed=step, info=shown)
         elif kind == "epoch_end":
             m = item[1]
             monitor = self.cfg.train.monitor

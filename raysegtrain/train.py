@@ -108,7 +108,26 @@ class ProgressHook(Hook):
         now = time.monotonic()
         if self.trainer.is_main and (now - self._last >= self.interval_s or info.step == info.steps):
             self._last = now
-            self._send(("step", info.epoch, info.step, info.steps, float(info.loss), info.lr))
+            loss = float(info.loss) if info.step == info.steps else self._loss_without_waiting(info.loss)
+            self._send(("step", info.epoch, info.step, info.steps, loss, info.lr))
+
+    def _loss_without_waiting(self, loss) -> float:
+        """A recent loss without stalling the GPU queue: reading this step's loss would make the host wait for the
+        GPU to drain (then idle while the host queues the next step). It starts a copy of this one and returns the
+        one started last time (nan until a copy has landed)."""
+        import torch
+
+        if loss.device.type != "cuda":
+            return float(loss)
+        previous = getattr(self, "_copy", None)
+        host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+        host.copy_(loss, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._copy = (host, done)
+        if previous is not None and previous[1].query():
+            self._shown = float(previous[0])
+        return getattr(self, "_shown", float("nan"))
 
     def after_epoch(self, metrics: dict[str, float]) -> None:
         if self.trainer.is_main:

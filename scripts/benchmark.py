@@ -6,8 +6,12 @@ For each model (default U-Net/ResNet-34, DeepLabV3+/ResNet-50, FPN/EfficientNet-
   3. real      `fit` on a folder of 512² PNG images + masks with the default augmentation pipeline
   4. pipeline  decode + augment + collate alone: images/s with 1 loader worker (per core) and with the default count
   5. scaling   `fit` on the real data with 1, 2, 4 ... GPUs (same per-GPU batch): efficiency = X_N / (N * X_1)
-  6. startup   seconds from `fit()` to the first training step
-Throughput of a fit is the median images/s of its epochs after the first (warm-up, cudnn autotuning).
+  6. startup   seconds from the `raysegtrain fit` command to its first training step (split into launching the
+               worker, building data/model, the first batch), and the same inside each trial of a small study
+Throughput of a fit is the median images/s of its epochs after the first (warm-up, cudnn autotuning); "GPU busy" is
+nvidia-smi's utilisation of the fit's GPUs sampled every 100 ms inside those epochs' training windows; "data wait"
+the share of those epochs the loop stood waiting for the loader. The dataset holds --steps batches per GPU at the
+largest GPU count, so every row of one run trains on the same images.
 
 Usage (on a GPU host): python3 scripts/benchmark.py [--models unet:resnet34,...] [--gpus 1,2,4] [--out bench.json]
 """
@@ -17,9 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import glob
+import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -28,8 +36,47 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysegtrain import config  # noqa: E402
+from raysegtrain.engine import Hook  # noqa: E402
 
 SIZE = 512
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class GpuSampler:
+    """nvidia-smi's utilisation of every GPU, every 100 ms, stamped on arrival (background thread)."""
+
+    def __init__(self):
+        self.samples: list[tuple[float, int, float]] = []  # (time, gpu index, utilisation %)
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=index,utilization.gpu", "--format=csv,noheader,nounits",
+                                      "-lms", "100"], stdout=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                gpu, util = (float(v) for v in line.split(","))
+                self.samples.append((time.time(), int(gpu), util))
+            except ValueError:
+                pass
+
+    def busy(self, windows: list[tuple[float, float]], n_gpus: int) -> float | None:
+        """Mean utilisation (0..1) of the N_GPUS busiest GPUs over the samples inside WINDOWS."""
+        per_gpu: dict[int, list[float]] = {}
+        for t, gpu, util in list(self.samples):
+            if any(a <= t <= b for a, b in windows):
+                per_gpu.setdefault(gpu, []).append(util)
+        means = sorted((statistics.mean(v) for v in per_gpu.values()), reverse=True)[:n_gpus]
+        return round(statistics.mean(means) / 100, 3) if means else None
+
+
+class EpochClock(Hook):
+    """Puts each epoch's wall-clock start into its metrics, to match GPU samples to the training windows."""
+
+    def before_epoch(self):
+        self.t = time.time()
+
+    def after_epoch(self, metrics):
+        metrics["train_start_t"] = self.t
 
 
 def bare_loop(arch: str, encoder: str, batch: int, steps: int = 30, warm: int = 10) -> dict:
@@ -89,29 +136,35 @@ def in_memory_datasets(cfg):
     return RandomTensors(cfg.data.synthetic.num_train), RandomTensors(cfg.data.synthetic.num_val)
 
 
-def fit_throughput(overrides: list[str], datasets=None) -> dict:
+def fit_throughput(overrides: list[str], sampler: GpuSampler | None, gpus: int = 1, datasets=None) -> dict:
     from raysegtrain.train import fit
 
     cfg = config.load(None, overrides)
     t0 = time.time()
-    result = fit(cfg, datasets=datasets)
+    result = fit(cfg, datasets=datasets, hooks=[EpochClock()])
     hist = result.history
-    rates = [h["images_per_s"] for h in hist[1:]] or [h["images_per_s"] for h in hist]
+    steady = hist[1:] or hist
     first = hist[0] if hist else {}
-    return {"img_s": statistics.median(rates), "epochs": [round(h["images_per_s"], 1) for h in hist],
-            "first_step_s": first.get("first_step_s"), "wall_s": time.time() - t0,
+    windows = [(h["train_start_t"], h["train_start_t"] + h["epoch_time_s"]) for h in steady if "train_start_t" in h]
+    return {"img_s": statistics.median(h["images_per_s"] for h in steady),
+            "epochs": [round(h["images_per_s"], 1) for h in hist],
+            "gpu_busy": sampler.busy(windows, gpus) if sampler else None,
+            "data_wait": round(statistics.median(h.get("data_wait_share", float("nan")) for h in steady), 3),
+            "first_step_s": first.get("first_step_s"), "wall_s": round(time.time() - t0, 1),
             "peak_gib": max((h.get("peak_gpu_gib", 0) for h in hist), default=None)}
 
 
 def pipeline_throughput(overrides: list[str], workers: int, batches: int = 40) -> dict:
     from raysegtrain.data.dataset import build_dataset
+    from raysegtrain.engine import SeededSampler, _seed_loader_worker, iterate
 
     cfg = config.load(None, overrides)
     ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers,
-                                         persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                                         drop_last=True)
-    it = iter(loader)
+    sampler = SeededSampler(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True), 0)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                                         worker_init_fn=_seed_loader_worker, persistent_workers=workers > 0,
+                                         prefetch_factor=4 if workers else None, drop_last=True)
+    it = iterate(loader)  # as the trainer starts its workers (OpenCV one thread each)
     next(it)  # worker start-up out of the number
     t = time.perf_counter()
     n = 0
@@ -122,27 +175,82 @@ def pipeline_throughput(overrides: list[str], workers: int, batches: int = 40) -
     return {"workers": workers, "img_s": n / (time.perf_counter() - t)}
 
 
+STARTUP_KEYS = ("first_step_s", "startup_launch_s", "startup_setup_s", "startup_first_batch_s")
+
+
+def command_startup(common: list[str], work: Path) -> dict:
+    """`python3 -m raysegtrain fit` as a user types it (MLflow tracking on), from the moment it is launched."""
+    storage = work / "startup-runs"
+    cmd = [sys.executable, "-m", "raysegtrain", "fit", *common, "train.epochs=1", "train.max_steps_per_epoch=10",
+           "tracking.enabled=true", f"run.storage_path={storage}", "--no-progress"]
+    env = {**os.environ, "RAYSEGTRAIN_T0": str(time.time()), "PYTHONPATH": str(ROOT)}
+    t = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
+    wall = time.time() - t
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1:] or proc.returncode}
+    from raysegtrain.engine import load_checkpoint
+
+    newest = max(glob.glob(str(storage / "**" / "checkpoint.pt"), recursive=True), key=os.path.getmtime)
+    first = load_checkpoint(newest)["history"][0]
+    return {**{k: round(first[k], 2) for k in STARTUP_KEYS if k in first}, "command_wall_s": round(wall, 1)}
+
+
+def study_startup(common: list[str], work: Path, trials: int = 8, concurrent: int = 4) -> dict:
+    """A small study on fractional GPUs (search_spaces/smoke.yaml, capped steps): each trial's start-up, from its
+    trial driver starting to its first training step, with the parts; and the study's wall time."""
+    cpus = max(1, ((os.cpu_count() or 4) - 2) // concurrent)
+    cmd = [sys.executable, "-m", "raysegtrain", "tune", str(ROOT / "search_spaces" / "smoke.yaml"), *common,
+           f"budget.num_samples={trials}", f"max_concurrent_trials={concurrent}", "trial.use_gpu=true",
+           f"trial.gpus_per_worker={1 / concurrent}", f"trial.cpus_per_worker={cpus}",
+           f"data.loader_workers={max(1, cpus - 1)}", "train.max_steps_per_epoch=10", "asha.max_epochs=2",
+           "model.encoder=resnet18", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
+    out = {"study_wall_s": round(time.time() - t, 1), "trials": trials, "concurrent": concurrent}
+    if proc.returncode:
+        return {**out, "error": proc.stderr.strip().splitlines()[-1:] or proc.returncode}
+    con = sqlite3.connect(work / "mlflow.db")
+    for key in STARTUP_KEYS:
+        values = sorted(v for (v,) in con.execute("select value from metrics where key=?", (key,)))
+        if values:
+            out[key] = {"median": round(statistics.median(values), 2), "min": round(values[0], 2),
+                        "max": round(values[-1], 2), "n": len(values)}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="unet:resnet34,deeplabv3plus:resnet50,fpn:efficientnet-b0")
     ap.add_argument("--gpus", default="1", help="comma-separated GPU counts for the scaling rows")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--num-train", type=int, default=1024)
-    ap.add_argument("--only", default="ceiling,overhead,real,pipeline,scaling")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=32,
+                    help="batches per GPU and epoch at the largest GPU count (sets the dataset's size)")
+    ap.add_argument("--only", default="ceiling,overhead,real,pipeline,scaling,startup")
     ap.add_argument("--out", default="benchmark.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
     os.environ.setdefault("RAYSEGTRAIN_CACHE", str(Path(tempfile.gettempdir()) / "raysegtrain-bench-cache"))
     card = torch.cuda.get_device_name()
+    gpu_counts = [n for n in (int(g) for g in args.gpus.split(",")) if n <= torch.cuda.device_count()]
+    num_train = args.steps * args.batch * max(gpu_counts or [1])
     work = Path(tempfile.mkdtemp(prefix="rsbench-"))
     os.chdir(work)
-    common = [f"data.synthetic.size={SIZE}", f"data.image_size={SIZE}", f"data.synthetic.num_train={args.num_train}",
-              "data.synthetic.num_val=64", "data.synthetic.num_test=0", f"train.batch_size={args.batch}",
+    common = [f"data.synthetic.size={SIZE}", f"data.image_size={SIZE}", f"data.synthetic.num_train={num_train}",
+              "data.synthetic.num_val=128", "data.synthetic.num_test=0", f"train.batch_size={args.batch}",
               f"train.epochs={args.epochs}", "train.early_stopping.patience=null", "tracking.enabled=false",
               "scaling.use_gpu=true", "tracking.num_overlays=0"]
     rows = []
-    report = {"card": card, "torch": torch.__version__, "gpus_visible": torch.cuda.device_count(), "rows": rows}
+    report = {"card": card, "gpus_visible": torch.cuda.device_count(), "cpus": os.cpu_count(),
+              "torch": torch.__version__, "num_train": num_train, "batch_per_gpu": args.batch, "rows": rows}
+    t = time.time()
+    from raysegtrain.data.synthetic import cached_root
+
+    cached_root(config.load(None, common).data.synthetic)  # generated once, outside every timing
+    report["dataset_generation_s"] = round(time.time() - t, 1)
+    sampler = GpuSampler()
 
     def emit(row):
         rows.append(row)
@@ -158,29 +266,40 @@ def main() -> int:
             ceiling = bare_loop(arch, enc, args.batch)["img_s"]
             emit({"model": spec, "row": "1 ceiling", "gpus": 1, "img_s": ceiling})
         if "overhead" in only:
-            r = fit_throughput(common + model, datasets=in_memory_datasets)
+            r = fit_throughput(common + model, sampler, datasets=in_memory_datasets)
             emit({"model": spec, "row": "2 overhead", "gpus": 1, **r,
                   "ratio": r["img_s"] / ceiling if ceiling else None})
         real = None
         if "real" in only:
-            real = r = fit_throughput(common + model)
+            real = r = fit_throughput(common + model, sampler)
             emit({"model": spec, "row": "3 real", "gpus": 1, **r, "ratio": r["img_s"] / ceiling if ceiling else None})
         if "scaling" in only and spec == args.models.split(",")[0]:
             base = None
-            for n in [int(g) for g in args.gpus.split(",") if int(g) <= torch.cuda.device_count()]:
+            for n in gpu_counts:
                 # the 1-GPU point is the real row itself when it ran
-                r = real if n == 1 and real else fit_throughput(common + model + [f"scaling.num_workers={n}"])
+                r = real if n == 1 and real else fit_throughput(common + model + [f"scaling.num_workers={n}"],
+                                                                sampler, gpus=n)
                 base = base or r["img_s"]
                 emit({"model": spec, "row": "5 scaling", "gpus": n, **r, "efficiency": r["img_s"] / (n * base)})
     if "pipeline" in only:
         for w in (1, max(1, (os.cpu_count() or 2) - 1)):
-            emit({"model": "-", "row": "4 pipeline", **pipeline_throughput(common, w)})
+            emit({"model": "-", "row": "4 pipeline", **pipeline_throughput(common, w, batches=8 if w == 1 else 60)})
+    if "startup" in only:
+        first_model = [f"model.arch={args.models.split(',')[0].split(':')[0]}",
+                       f"model.encoder={args.models.split(',')[0].split(':')[1]}"]
+        emit({"model": args.models.split(",")[0], "row": "6 command start-up", "gpus": 1,
+              **command_startup(common + first_model, work)})
+        emit({"model": "smoke study", "row": "6 trial start-up", **study_startup(common, work)})
 
-    print(f"\n{card}, torch {torch.__version__}")
-    print(f"{'model':34} {'row':12} {'gpus':>4} {'img/s':>8} {'ratio':>6} {'eff':>5} {'first step s':>12}")
+    print(f"\n{card} x {torch.cuda.device_count()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"{'model':28} {'row':20} {'gpus':>4} {'img/s':>8} {'ratio':>6} {'eff':>5} {'busy':>5} {'wait':>5} "
+          f"{'first step s':>12}")
     for r in rows:
-        print(f"{r['model']:34} {r['row']:12} {r.get('gpus', ''):>4} {r['img_s']:8.1f} "
-              f"{r.get('ratio') or 0:6.2f} {r.get('efficiency') or 0:5.2f} {r.get('first_step_s') or 0:12.1f}")
+        first = r.get("first_step_s")
+        first = first.get("median") if isinstance(first, dict) else first
+        print(f"{r['model']:28} {r['row']:20} {r.get('gpus', ''):>4} {r.get('img_s') or 0:8.1f} "
+              f"{r.get('ratio') or 0:6.2f} {r.get('efficiency') or 0:5.2f} {r.get('gpu_busy') or 0:5.2f} "
+              f"{r.get('data_wait') or 0:5.2f} {first or 0:12.1f}")
     return 0
 
 

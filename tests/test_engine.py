@@ -35,8 +35,11 @@ def test_two_epochs_lower_the_loss_and_write_checkpoints(tiny_cfg, tmp_path):
     assert last["config"]["model"]["encoder"] == "resnet18"
 
 
-def test_two_epochs_equal_one_plus_resume(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("train.epochs=2", "schedule.name=cosine", "schedule.warmup_epochs=0.5")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_epochs_equal_one_plus_resume(tiny_cfg, tmp_path, workers):
+    # with loader workers, epoch 2's batches are prefetched during epoch 1's validation in the straight run
+    cfg = tiny_cfg("train.epochs=2", "schedule.name=cosine", "schedule.warmup_epochs=0.5",
+                   f"data.loader_workers={workers}")
     train_local(cfg, tmp_path / "straight")
     # "interrupted" after one epoch: a run whose config says 2 epochs, stopped by a hook after the first
     from raysegtrain.engine import StopTraining
@@ -61,6 +64,23 @@ def test_two_epochs_equal_one_plus_resume(tiny_cfg, tmp_path):
         if v.is_floating_point():
             torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     assert a["history"][-1]["val_iou"] == pytest.approx(b["history"][-1]["val_iou"], abs=1e-6)
+
+
+def test_loader_workers_and_prefetching_change_no_result(tiny_cfg, tmp_path):
+    """Augmentation is seeded per sample, so 2 persistent workers that start each epoch's batches during the
+    previous epoch's validation train exactly what the main process alone trains."""
+    runs = {}
+    for workers in (0, 2):
+        rec = Record()
+        train_local(tiny_cfg("train.epochs=3", f"data.loader_workers={workers}"), tmp_path / str(workers),
+                    hooks=[rec])
+        runs[workers] = (load_checkpoint(tmp_path / str(workers) / "last"), rec.epochs)
+    (a, ea), (b, eb) = runs[0], runs[2]
+    for k, v in a["model"].items():
+        if v.is_floating_point():
+            torch.testing.assert_close(b["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert [m["train_loss"] for m in ea] == pytest.approx([m["train_loss"] for m in eb], rel=1e-5)
+    assert all(0.0 <= m["data_wait_share"] <= 1.0 for m in ea + eb)
 
 
 def test_non_finite_loss_names_epoch_and_step(tiny_cfg):

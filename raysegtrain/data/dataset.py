@@ -175,11 +175,11 @@ class SegmentationDataset(Dataset):
         if index in self._decoded:
             return self._decoded[index]
         image_path, mask_path = self.pairs[index]
-        image, mask = read_pixels(image_path, self.cfg.in_channels), read_mask(mask_path, self.cfg)
+        image = read_pixels(image_path, self.cfg.in_channels)
+        mask = read_mask(mask_path, self.cfg, self.mask_dtype)  # values checked against the class set first
         if image.shape[:2] != mask.shape:
             raise DataError(f"{image_path}: image is {image.shape[1]}x{image.shape[0]} but its mask {mask_path} "
                             f"is {mask.shape[1]}x{mask.shape[0]}")
-        mask = mask.astype(self.mask_dtype)  # read_mask checked every value against the class set
         if self.cache:
             self._decoded[index] = (image, mask)
         return image, mask

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -54,15 +55,20 @@ def generate(out_dir: str | Path, syn: SyntheticConfig, overwrite: bool = False)
     (out / "images").mkdir()
     (out / "masks").mkdir()
     (out / "splits").mkdir()
-    for split, count in split_counts(syn).items():
-        if count == 0:  # no file rather than an empty one: the test split is optional
-            continue
-        stems = [stem(split, j, count) for j in range(count)]
-        for j, name in enumerate(stems):
-            image, labels = render(syn.seed, split, j, syn.size)
-            _write_png(out / "images" / f"{name}.png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-            _write_png(out / "masks" / f"{name}.png", encode_mask(labels, syn.variant))
-        (out / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in stems))
+    def write(split: str, j: int, name: str) -> None:
+        image, labels = render(syn.seed, split, j, syn.size)
+        _write_png(out / "images" / f"{name}.png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        _write_png(out / "masks" / f"{name}.png", encode_mask(labels, syn.variant))
+
+    # each image depends only on (seed, split, index), and numpy/OpenCV release the GIL for most of the work:
+    # threads give the cores' speed-up (4096 images of 512² in seconds on a many-core GPU host, not minutes)
+    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
+        for split, count in split_counts(syn).items():
+            if count == 0:  # no file rather than an empty one: the test split is optional
+                continue
+            stems = [stem(split, j, count) for j in range(count)]
+            list(pool.map(write, [split] * count, range(count), stems))  # list(): re-raises a worker's error
+            (out / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in stems))
     meta = {**syn.model_dump(), "class_names": list(class_names(syn.variant))}
     (out / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
     return out
