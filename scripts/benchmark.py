@@ -79,20 +79,27 @@ class EpochClock(Hook):
         metrics["train_start_t"] = self.t
 
 
-def bare_loop(arch: str, encoder: str, batch: int, steps: int = 30, warm: int = 10) -> dict:
+def bare_loop(arch: str, encoder: str, batch: int, steps: int = 30, warm: int = 10, amp: bool = True,
+              channels_last: bool = True, rank: int | None = None) -> dict:
+    """The plain PyTorch + smp loop on random tensors already on the GPU. RANK set: one process of a plain DDP run
+    (process group already initialised)."""
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = True
-    model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=1).cuda()
-    model = model.to(memory_format=torch.channels_last)
+    device = torch.device("cuda", rank or 0)
+    model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, classes=1).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    if rank is not None:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
     opt = torch.optim.AdamW(model.parameters(), 3e-4)
     dice, bce = smp.losses.DiceLoss("binary"), torch.nn.BCEWithLogitsLoss()
-    x = torch.randn(batch, 3, SIZE, SIZE, device="cuda").contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, 1, SIZE, SIZE, device="cuda") > 0.5).float()
+    x = torch.randn(batch, 3, SIZE, SIZE, device=device).contiguous(memory_format=fmt)
+    y = (torch.rand(batch, 1, SIZE, SIZE, device=device) > 0.5).float()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         loss = 0.5 * dice(out.float(), y) + 0.5 * bce(out.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -101,17 +108,41 @@ def bare_loop(arch: str, encoder: str, batch: int, steps: int = 30, warm: int = 
 
     for _ in range(warm):
         step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     dt = time.perf_counter() - t
-    out = {"img_s": batch * steps / dt, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    out = {"img_s": batch * steps / dt, "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
     del model, opt, x, y
     torch.cuda.empty_cache()
     return out
+
+
+def _ddp_process(rank: int, world: int, port: int, arch: str, encoder: str, batch: int, results) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    r = bare_loop(arch, encoder, batch, steps=60, rank=rank)
+    results.put((rank, r["img_s"]))
+    dist.destroy_process_group()
+
+
+def plain_ddp(arch: str, encoder: str, batch: int, world: int) -> float:
+    """The bare loop in plain DDP over WORLD GPUs (one process each, NCCL, as torchrun runs it): total images/s."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.SimpleQueue()
+    torch.multiprocessing.spawn(_ddp_process, args=(world, port, arch, encoder, batch, results), nprocs=world)
+    return sum(results.get()[1] for _ in range(world))
 
 
 class RandomTensors(torch.utils.data.Dataset):
@@ -178,12 +209,14 @@ def pipeline_throughput(overrides: list[str], workers: int, batches: int = 40) -
 STARTUP_KEYS = ("first_step_s", "startup_launch_s", "startup_setup_s", "startup_first_batch_s")
 
 
-def command_startup(common: list[str], work: Path) -> dict:
+def command_startup(common: list[str], work: Path, extra_env: dict | None = None) -> dict:
     """`python3 -m raysegtrain fit` as a user types it (MLflow tracking on), from the moment it is launched."""
-    storage = work / "startup-runs"
+    extra_env = extra_env or {}
+    storage = work / f"startup-runs-{len(extra_env)}"
     cmd = [sys.executable, "-m", "raysegtrain", "fit", *common, "train.epochs=1", "train.max_steps_per_epoch=10",
            "tracking.enabled=true", f"run.storage_path={storage}", "--no-progress"]
-    env = {**os.environ, "RAYSEGTRAIN_T0": str(time.time()), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **extra_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "RAYSEGTRAIN_T0": str(time.time())}
     t = time.time()
     proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
     wall = time.time() - t
@@ -205,7 +238,7 @@ def study_startup(common: list[str], work: Path, trials: int = 8, concurrent: in
            f"trial.gpus_per_worker={1 / concurrent}", f"trial.cpus_per_worker={cpus}",
            f"data.loader_workers={max(1, cpus - 1)}", "train.max_steps_per_epoch=10", "asha.max_epochs=2",
            "model.encoder=resnet18", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t = time.time()
     proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
     out = {"study_wall_s": round(time.time() - t, 1), "trials": trials, "concurrent": concurrent}
@@ -228,7 +261,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32,
                     help="batches per GPU and epoch at the largest GPU count (sets the dataset's size)")
-    ap.add_argument("--only", default="ceiling,overhead,real,pipeline,scaling,startup")
+    ap.add_argument("--only", default="ceiling,fp32,overhead,real,pipeline,ddp,scaling,startup")
+    ap.add_argument("--scaling-data", default="real", help="real and/or memory (comma-separated): the scaling rows' data")
+    ap.add_argument("--preload", default="", help="also time the command start-up with RAY_preload_python_modules=THIS")
     ap.add_argument("--out", default="benchmark.json")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -273,14 +308,34 @@ def main() -> int:
         if "real" in only:
             real = r = fit_throughput(common + model, sampler)
             emit({"model": spec, "row": "3 real", "gpus": 1, **r, "ratio": r["img_s"] / ceiling if ceiling else None})
-        if "scaling" in only and spec == args.models.split(",")[0]:
-            base = None
+        if "fp32" in only and spec == args.models.split(",")[0]:
+            # what most scripts run: fp32, NCHW, batch 16 (../shared/gpu/baseline_bench.py's setting)
+            r = bare_loop(arch, enc, 16, amp=False, channels_last=False)
+            emit({"model": spec, "row": "7 fp32 NCHW script", "gpus": 1, "img_s": r["img_s"],
+                  "real_fit_speedup": real["img_s"] / r["img_s"] if real else None})
+        if "ddp" in only and spec == args.models.split(",")[0]:
+            one = None
             for n in gpu_counts:
-                # the 1-GPU point is the real row itself when it ran
-                r = real if n == 1 and real else fit_throughput(common + model + [f"scaling.num_workers={n}"],
-                                                                sampler, gpus=n)
-                base = base or r["img_s"]
-                emit({"model": spec, "row": "5 scaling", "gpus": n, **r, "efficiency": r["img_s"] / (n * base)})
+                try:
+                    total = plain_ddp(arch, enc, args.batch, n)
+                except Exception as e:  # a baseline that cannot run here must not cost the other rows
+                    emit({"model": spec, "row": "5 plain DDP (random)", "gpus": n, "error": repr(e)[:300]})
+                    break
+                one = one or total
+                emit({"model": spec, "row": "5 plain DDP (random)", "gpus": n, "img_s": total,
+                      "efficiency": total / (n * one)})
+        if "scaling" in only and spec == args.models.split(",")[0]:
+            for data in args.scaling_data.split(","):
+                base = None
+                for n in gpu_counts:
+                    if n == 1 and data == "real" and real:
+                        r = real  # the 1-GPU point is the real row itself when it ran
+                    else:
+                        r = fit_throughput(common + model + [f"scaling.num_workers={n}"], sampler, gpus=n,
+                                           datasets=in_memory_datasets if data == "memory" else None)
+                    base = base or r["img_s"]
+                    emit({"model": spec, "row": f"5 scaling ({data})", "gpus": n, **r,
+                          "efficiency": r["img_s"] / (n * base)})
     if "pipeline" in only:
         for w in (1, max(1, (os.cpu_count() or 2) - 1)):
             emit({"model": "-", "row": "4 pipeline", **pipeline_throughput(common, w, batches=8 if w == 1 else 60)})
@@ -289,6 +344,9 @@ def main() -> int:
                        f"model.encoder={args.models.split(',')[0].split(':')[1]}"]
         emit({"model": args.models.split(",")[0], "row": "6 command start-up", "gpus": 1,
               **command_startup(common + first_model, work)})
+        if args.preload:
+            emit({"model": args.models.split(",")[0], "row": "6 command start-up, preload", "gpus": 1,
+                  **command_startup(common + first_model, work, {"RAY_preload_python_modules": args.preload})})
         emit({"model": "smoke study", "row": "6 trial start-up", **study_startup(common, work)})
 
     print(f"\n{card} x {torch.cuda.device_count()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
