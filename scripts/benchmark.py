@@ -300,8 +300,9 @@ def main() -> int:
         if "ceiling" in only:
             ceiling = bare_loop(arch, enc, args.batch)["img_s"]
             emit({"model": spec, "row": "1 ceiling", "gpus": 1, "img_s": ceiling})
+        overhead = None
         if "overhead" in only:
-            r = fit_throughput(common + model, sampler, datasets=in_memory_datasets)
+            overhead = r = fit_throughput(common + model, sampler, datasets=in_memory_datasets)
             emit({"model": spec, "row": "2 overhead", "gpus": 1, **r,
                   "ratio": r["img_s"] / ceiling if ceiling else None})
         real = None
@@ -328,8 +329,8 @@ def main() -> int:
             for data in args.scaling_data.split(","):
                 base = None
                 for n in gpu_counts:
-                    if n == 1 and data == "real" and real:
-                        r = real  # the 1-GPU point is the real row itself when it ran
+                    if n == 1 and (real if data == "real" else overhead):
+                        r = real if data == "real" else overhead  # the 1-GPU point is row 3 / row 2 when it ran
                     else:
                         r = fit_throughput(common + model + [f"scaling.num_workers={n}"], sampler, gpus=n,
                                            datasets=in_memory_datasets if data == "memory" else None)
