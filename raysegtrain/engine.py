@@ -138,6 +138,7 @@ class SegmentationTrainer:
         self._t0 = t0 if t0 is not None else time.time()  # when the command started: for the first-step latency
         self._created = time.time()  # start-up, split: t0 -> here (launching this process) -> setup -> first batch
         self._first_step_s: float | None = None
+        self.submitted: float | None = None  # when the caller handed the job to its launcher (e.g. Ray), if it did
         self.rank, self.world_size = rank_and_world()
         self.is_main = self.rank == 0
         self.device = torch.device(device) if device is not None else _default_device()
@@ -375,8 +376,11 @@ class SegmentationTrainer:
         """Seconds from the command to the first training step, and its parts: launching the process that runs
         this trainer (Ray, imports), building data/model/optimizer, and the first batch from the loader."""
         first = self._t0 + self._first_step_s
-        return {"first_step_s": self._first_step_s, "startup_launch_s": self._created - self._t0,
-                "startup_setup_s": self._set_up - self._created, "startup_first_batch_s": first - self._set_up}
+        out = {"first_step_s": self._first_step_s, "startup_launch_s": self._created - self._t0,
+               "startup_setup_s": self._set_up - self._created, "startup_first_batch_s": first - self._set_up}
+        if self.submitted is not None:  # launch = the caller's own preparation + starting this process
+            out.update(startup_driver_s=self.submitted - self._t0, startup_workers_s=self._created - self.submitted)
+        return out
 
     def _train_batches(self, epoch: int, epoch_seed: int):
         """The train loader's iterator for EPOCH: the one prefetched at the end of the previous epoch, else new."""

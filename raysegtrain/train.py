@@ -149,6 +149,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         hooks.insert(0, ProgressHook(loop_config["progress"]))
     trainer = SegmentationTrainer(cfg, hooks, device=device, wrap_model=ray.train.torch.prepare_model,
                                   resume_state=state, datasets=loop_config.get("datasets"), t0=loop_config.get("t0"))
+    trainer.submitted = loop_config.get("t_submit")
     return trainer.fit()
 
 
@@ -279,7 +280,7 @@ def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "progress": progress, "hooks": list(hooks), "datasets": datasets,
-                           "t0": t0 if t0 is not None else time.time()},
+                           "t0": t0 if t0 is not None else time.time(), "t_submit": time.time()},
         scaling_config=ray_scaling(cfg),
         run_config=RayRunConfig(
             name=name,

@@ -39,6 +39,8 @@ from raysegtrain import config  # noqa: E402
 from raysegtrain.engine import Hook  # noqa: E402
 
 SIZE = 512
+STARTUP_KEYS = ("first_step_s", "startup_launch_s", "startup_driver_s", "startup_workers_s", "startup_setup_s",
+                "startup_first_batch_s")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -192,7 +194,7 @@ def fit_throughput(overrides: list[str], sampler: GpuSampler | None, gpus: int =
             "epochs": [round(h["images_per_s"], 1) for h in hist],
             "gpu_busy": sampler.busy(windows, gpus) if sampler else None,
             "data_wait": round(statistics.median(h.get("data_wait_share", float("nan")) for h in steady), 3),
-            "first_step_s": first.get("first_step_s"), "wall_s": round(time.time() - t0, 1),
+            **{k: round(first[k], 2) for k in STARTUP_KEYS if k in first}, "wall_s": round(time.time() - t0, 1),
             "peak_gib": max((h.get("peak_gpu_gib", 0) for h in hist), default=None)}
 
 
@@ -217,9 +219,6 @@ def pipeline_throughput(overrides: list[str], workers: int, batches: int = 40) -
     return {"workers": workers, "img_s": n / (time.perf_counter() - t)}
 
 
-STARTUP_KEYS = ("first_step_s", "startup_launch_s", "startup_setup_s", "startup_first_batch_s")
-
-
 def command_startup(common: list[str], work: Path, extra_env: dict | None = None) -> dict:
     """`python3 -m raysegtrain fit` as a user types it (MLflow tracking on), from the moment it is launched."""
     extra_env = extra_env or {}
@@ -240,16 +239,18 @@ def command_startup(common: list[str], work: Path, extra_env: dict | None = None
     return {**{k: round(first[k], 2) for k in STARTUP_KEYS if k in first}, "command_wall_s": round(wall, 1)}
 
 
-def study_startup(common: list[str], work: Path, trials: int = 8, concurrent: int = 4) -> dict:
+def study_startup(common: list[str], work: Path, trials: int = 8, concurrent: int = 4, gpu: bool = True) -> dict:
     """A small study on fractional GPUs (search_spaces/smoke.yaml, capped steps): each trial's start-up, from its
     trial driver starting to its first training step, with the parts; and the study's wall time."""
     cpus = max(1, ((os.cpu_count() or 4) - 2) // concurrent)
     cmd = [sys.executable, "-m", "raysegtrain", "tune", str(ROOT / "search_spaces" / "smoke.yaml"), *common,
-           f"budget.num_samples={trials}", f"max_concurrent_trials={concurrent}", "trial.use_gpu=true",
-           f"trial.gpus_per_worker={1 / concurrent}", f"trial.cpus_per_worker={cpus}",
+           f"budget.num_samples={trials}", f"max_concurrent_trials={concurrent}", f"trial.use_gpu={str(gpu).lower()}",
+           *([f"trial.gpus_per_worker={1 / concurrent}"] if gpu else []), f"trial.cpus_per_worker={cpus}",
            f"data.loader_workers={max(1, cpus - 1)}", "train.max_steps_per_epoch=10", "asha.max_epochs=2",
-           "model.encoder=resnet18", "--no-progress"]
+           "model.encoder=resnet18", "tracking.enabled=true", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    work = work / "study"  # its own MLflow store
+    work.mkdir()
     t = time.time()
     proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
     out = {"study_wall_s": round(time.time() - t, 1), "trials": trials, "concurrent": concurrent}
@@ -274,6 +275,7 @@ def main() -> int:
                     help="batches per GPU and epoch at the largest GPU count (sets the dataset's size)")
     ap.add_argument("--only", default="ceiling,fp32,overhead,real,pipeline,ddp,scaling,startup")
     ap.add_argument("--scaling-data", default="real", help="real and/or memory (comma-separated): the scaling rows' data")
+    ap.add_argument("--startup-model", default="unet:resnet34", help="the model of the command start-up row")
     ap.add_argument("--preload", default="", help="also time the command start-up with RAY_preload_python_modules=THIS")
     ap.add_argument("--out", default="benchmark.json")
     args = ap.parse_args()
@@ -359,12 +361,12 @@ def main() -> int:
         for w in (1, max(1, (os.cpu_count() or 2) - 1)):
             emit({"model": "-", "row": "4 pipeline", **pipeline_throughput(common, w, batches=8 if w == 1 else 60)})
     if "startup" in only:
-        first_model = [f"model.arch={args.models.split(',')[0].split(':')[0]}",
-                       f"model.encoder={args.models.split(',')[0].split(':')[1]}"]
-        emit({"model": args.models.split(",")[0], "row": "6 command start-up", "gpus": 1,
+        arch, enc = args.startup_model.split(":")
+        first_model = [f"model.arch={arch}", f"model.encoder={enc}"]
+        emit({"model": args.startup_model, "row": "6 command start-up", "gpus": 1,
               **command_startup(common + first_model, work)})
         if args.preload:
-            emit({"model": args.models.split(",")[0], "row": "6 command start-up, preload", "gpus": 1,
+            emit({"model": args.startup_model, "row": "6 command start-up, preload", "gpus": 1,
                   **command_startup(common + first_model, work, {"RAY_preload_python_modules": args.preload})})
         emit({"model": "smoke study", "row": "6 trial start-up", **study_startup(common, work)})
 
