@@ -29,6 +29,13 @@ def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tin
     result = fit(cfg)
     assert result.run_name == "two" and result.best_checkpoint and result.mlflow_run_id
     assert [h["epoch"] for h in result.history] == [1, 2]
+    # the first epoch says where the start-up went; the parts add up to the whole
+    first = result.history[0]
+    parts = ("startup_driver_s", "startup_workers_s", "startup_setup_s", "startup_first_batch_s")
+    assert all(first[k] >= 0 for k in parts)
+    assert sum(first[k] for k in parts) == pytest.approx(first["first_step_s"], abs=1e-6)
+    assert "first_step_s" not in result.history[1]
+    assert all(0 <= h["data_wait_share"] <= 1 for h in result.history)
 
     c = tracking.client(result.tracking_uri)
     run = c.get_run(result.mlflow_run_id)
@@ -38,7 +45,7 @@ def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tin
     iou = c.get_metric_history(result.mlflow_run_id, "val_iou")
     assert sorted(m.step for m in iou) == [1, 2]
     for key in ("train_loss", "val_loss", "val_dice", "val_precision", "val_recall", "lr", "images_per_s",
-                "epoch_time_s", "val_iou_class_1"):
+                "epoch_time_s", "val_iou_class_1", "data_wait_share", "first_step_s", "startup_workers_s"):
         assert c.get_metric_history(result.mlflow_run_id, key), key
     artifacts = {a.path for a in c.list_artifacts(result.mlflow_run_id)}
     artifacts |= {a.path for a in c.list_artifacts(result.mlflow_run_id, "plots")}
