@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,23 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     if "://" not in uri:  # a plain folder = file store
         return Path(uri).resolve().as_uri()
     return uri
+
+
+def import_in_background() -> threading.Thread:
+    """Import MLflow's client and SQL store in a thread (about 2 s of imports), so that they load while Ray starts
+    instead of after it. Imports only: nothing is written until a run is opened."""
+
+    def load():
+        try:
+            import mlflow.entities  # noqa: F401
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+            import mlflow.tracking  # noqa: F401
+        except Exception:  # a broken install is reported where MLflow is used, with its own message
+            pass
+
+    thread = threading.Thread(target=load, name="import-mlflow", daemon=True)
+    thread.start()
+    return thread
 
 
 def client(uri: str):

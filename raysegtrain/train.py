@@ -311,6 +311,7 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     else:
         preflight.check_augment(cfg), preflight.check_model(cfg)
     name = plan_run_name(cfg, resume)
+    mlflow_loading = tracking.import_in_background() if cfg.tracking.enabled else None
     init_ray(address, verbose)
     ray_scaling(cfg)  # resource errors before anything is written
     if on_ready is not None:
@@ -318,6 +319,7 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
 
     uri = run_id = None
     if cfg.tracking.enabled:
+        mlflow_loading.join()
         uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
         run_id = tracking.find_run(uri, cfg.tracking.experiment, name) if resume else None
         run_id = run_id or tracking.start_run(cfg, name, uri=uri, tags={"storage_path": storage_root(cfg)})

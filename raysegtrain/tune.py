@@ -188,6 +188,54 @@ class StudyTracker(tune.Callback):
         Console(stderr=True).print(status_table(self, trials))
 
 
+def orphaned_placement_groups() -> list:
+    """This job's placement groups whose creating actor has died: those of a trial's Train controller, killed with
+    its trial when ASHA stops it. GCS keeps such a group until the job ends; Ray Train's own cleaner removes it by
+    polling the state API, which lags on a small loaded machine, and meanwhile the next trial waits for CPUs that
+    nothing uses (Train's 60 s worker-group start timeout then fails it). Groups made by the driver (Tune's own)
+    have no creating actor and are never listed. Reads GCS's table through Ray's private accessor: if that moves in a
+    later Ray, this finds nothing and Train's cleaner does the work alone."""
+    from ray._private.state import state as gcs_state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    try:
+        job = ray.get_runtime_context().get_job_id()
+        table = gcs_state._connect_and_get_accessor().get_placement_group_table()
+    except Exception:
+        return []
+    found = []
+    for raw in table:
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        made_by_actor = not ray.ActorID(pg.creator_actor_id).is_nil()  # a driver's groups carry the nil id
+        if (made_by_actor and pg.creator_actor_dead and not pg.is_detached and pg.creator_job_id.hex() == job
+                and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED):
+            found.append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+    return found
+
+
+class ReleaseOrphanedPlacementGroups(tune.Callback):
+    """Removes the placement groups of dead trial controllers (see `orphaned_placement_groups`) at most every
+    INTERVAL_S seconds while the study runs, so stopped trials give their CPUs/GPUs back at once."""
+
+    def __init__(self, interval_s: float = 2.0):
+        self.interval_s = interval_s
+        self._last = 0.0
+        self.released = 0
+
+    def on_step_begin(self, iteration, trials, **info):
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            return
+        self._last = now
+        for pg in orphaned_placement_groups():
+            try:
+                ray.util.remove_placement_group(pg)
+                self.released += 1
+            except Exception:  # removed meanwhile by Train's own cleaner
+                pass
+
+
 def trial_state(last: dict, error, max_epochs: int) -> str:
     """completed / completed (early stopping at epoch k) / stopped by ASHA at epoch k / failed: reason."""
     epoch = int(last.get("epoch", 0) or 0)
@@ -383,7 +431,8 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                                             max_concurrent_trials=space.max_concurrent_trials, search_alg=searcher,
                                             scheduler=scheduler, time_budget_s=space.time_budget_s),
-                run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[tracker],
+                run_config=tune.RunConfig(name=name, storage_path=storage,
+                                          callbacks=[tracker, ReleaseOrphanedPlacementGroups()],
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=0))
         with stop:
             results = tuner.fit()

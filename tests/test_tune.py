@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -162,3 +160,38 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, ray_local):
     assert len(by_status["FAILED"]) == len(failed)
     assert all("simulated crash" in ch.data.tags["state"] for ch in by_status["FAILED"])
     assert c.get_run(result.parent_run_id).info.status == "FINISHED"
+
+
+def test_placement_groups_of_dead_trial_controllers_are_released(ray_local):
+    """A trial stopped by ASHA dies with its Train controller, whose placement group GCS keeps until the job ends.
+    The study's callback releases exactly those groups: not a live actor's, not the driver's own."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from raysegtrain.tune import ReleaseOrphanedPlacementGroups, orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def reserve(self):
+            pg = placement_group([{"CPU": 0.25}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    dead, alive = Controller.remote(), Controller.remote()
+    dead_pg, alive_pg = ray.get([dead.reserve.remote(), alive.reserve.remote()])
+    drivers = placement_group([{"CPU": 0.25}])
+    ray.get(drivers.ready())
+    assert orphaned_placement_groups() == []
+    ray.kill(dead)
+    deadline = time.monotonic() + 60
+    while not orphaned_placement_groups() and time.monotonic() < deadline:  # GCS learns of the death
+        time.sleep(0.05)
+    assert [pg.id.hex() for pg in orphaned_placement_groups()] == [dead_pg]
+
+    release = ReleaseOrphanedPlacementGroups(interval_s=0)
+    release.on_step_begin(0, [])
+    table = ray.util.placement_group_table()
+    assert release.released == 1 and table[dead_pg]["state"] == "REMOVED"
+    assert table[alive_pg]["state"] == "CREATED" and table[drivers.id.hex()]["state"] == "CREATED"
+    remove_placement_group(drivers)
+    ray.kill(alive)
