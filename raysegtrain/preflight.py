@@ -11,11 +11,8 @@ def check_data(cfg: Config) -> None:
     from .data.io import read_image, read_mask
 
     d = cfg.data
-    for split in (d.train_split, d.val_split):
-        pairs = list_split(d, split)
-        if not pairs:
-            raise DataError(f"split {split!r} is empty")
-    image, mask = list_split(d, d.train_split)[0]
+    listed = {split: list_split(d, split) for split in (d.train_split, d.val_split)}  # raises on an empty split
+    image, mask = listed[d.train_split][0]
     img = read_image(image, d.in_channels)
     m = read_mask(mask, d)
     if img.shape[:2] != m.shape[:2]:
