@@ -170,6 +170,8 @@ class SegmentationTrainer:
         self.history: list[dict[str, float]] = []
         self.stop_reason: str | None = None
 
+        if resume_state is not None:
+            self.epoch = int(resume_state["epoch"])  # known before setup: the loader starts on that epoch
         self.setup()
         if resume_state is not None:
             self.load_state_dict(resume_state)
@@ -185,6 +187,9 @@ class SegmentationTrainer:
         self.train_set, self.val_set = self.build_datasets()
         self.normalizer = input_normalizer(self.train_set, self.cfg.data)  # uint8 batches -> model input, on device
         self.train_loader, self.val_loader = self.build_loaders()
+        if self.epoch < self.epochs:
+            # loader workers fork now, before CUDA and the model exist, and decode the first batches meanwhile
+            self._prefetch_train_batches(self.epoch)
         self.model = self.build_model()
         self.encoder_frozen = False
         self.optimizer = self.build_optimizer()
@@ -318,10 +323,9 @@ class SegmentationTrainer:
         self.model.train()
         if self.encoder_frozen:
             self._encoder_eval()
-        epoch_seed = self.seed * 100_003 + self.epoch * 1009 + self.rank
-        torch.manual_seed(epoch_seed)  # dropout etc.: an epoch's randomness depends only on (seed, epoch, rank)
+        torch.manual_seed(self._epoch_seed(self.epoch))  # dropout etc.: depends only on (seed, epoch, rank)
         max_batches = min(self.steps_per_epoch * self.grad_accum, len(self.train_loader))
-        batches_iter = self.device_batches(islice(self._train_batches(self.epoch, epoch_seed), max_batches))
+        batches_iter = self.device_batches(islice(self._train_batches(self.epoch), max_batches))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -382,23 +386,29 @@ class SegmentationTrainer:
             out.update(startup_driver_s=self.submitted - self._t0, startup_workers_s=self._created - self.submitted)
         return out
 
-    def _train_batches(self, epoch: int, epoch_seed: int):
-        """The train loader's iterator for EPOCH: the one prefetched at the end of the previous epoch, else new."""
+    def _epoch_seed(self, epoch: int) -> int:
+        return self.seed * 100_003 + epoch * 1009 + self.rank
+
+    def _train_batches(self, epoch: int):
+        """The train loader's iterator for EPOCH: the one started ahead (in setup, or at the end of the previous
+        epoch), else a new one."""
         pending, self._pending_batches = getattr(self, "_pending_batches", None), None
         if pending is not None and pending[0] == epoch:
             return pending[1]
+        return self._start_train_batches(epoch)
+
+    def _start_train_batches(self, epoch: int):
         self.train_sampler.set_epoch(epoch)
-        self._loader_gen.manual_seed(epoch_seed)  # worker seeds (drawn when the workers start)
+        self._loader_gen.manual_seed(self._epoch_seed(epoch))  # worker seeds (drawn when the workers start)
         return iterate(self.train_loader)
 
     def _prefetch_train_batches(self, epoch: int) -> None:
-        """Start EPOCH's iterator now: loader workers fill their queues while this epoch validates, checkpoints and
-        reports, so the next epoch opens on ready batches. What each sample gets does not depend on when it is drawn
-        (SeededSampler), so this changes no result. Nothing to gain without worker processes."""
+        """Start EPOCH's iterator now: loader workers fill their queues while the model builds (first epoch) or this
+        epoch validates, checkpoints and reports, so the epoch opens on ready batches. What each sample gets does not
+        depend on when it is drawn (SeededSampler), so this changes no result. Nothing to gain without workers."""
         if self.train_loader.num_workers == 0:
             return
-        self.train_sampler.set_epoch(epoch)
-        self._pending_batches = (epoch, iterate(self.train_loader))
+        self._pending_batches = (epoch, self._start_train_batches(epoch))
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast():

@@ -24,6 +24,11 @@ from .errors import DataError, ModelError, UserError
 from .metrics import ConfusionMeter, per_class_scores
 
 
+class _ValidationOnly(SegmentationTrainer):
+    def _prefetch_train_batches(self, epoch: int) -> None:
+        pass  # never trains: no train batches to start
+
+
 def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split: str | None = None,
                         device: str | None = None) -> dict[str, Any]:
     """Validate CHECKPOINT's weights on SPLIT (default: the config's validation split). CFG defaults to the config
@@ -32,7 +37,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split
     cfg = cfg or Config.model_validate(state["config"])
     if split:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_split": split})})
-    trainer = SegmentationTrainer(cfg, device=device)
+    trainer = _ValidationOnly(cfg, device=device)
     trainer.module.load_state_dict(state["model"])
     return trainer.validate()
 
