@@ -6,6 +6,8 @@ For each model (default U-Net/ResNet-34, DeepLabV3+/ResNet-50, FPN/EfficientNet-
   3. real      `fit` on a folder of 512² PNG images + masks with the default augmentation pipeline
   4. pipeline  decode + augment + collate alone: images/s with 1 loader worker (per core) and with the default count
   5. scaling   `fit` on the real data with 1, 2, 4 ... GPUs (same per-GPU batch): efficiency = X_N / (N * X_1)
+  (profile) with --only ...,profile: a torch-profiler window of 20 steps on every rank of the largest in-memory
+               scaling run, written to $OUT/profile-<N>gpu/rank<r>.{json,txt} (GPU busy from kernel intervals, host ops)
   6. startup   seconds from the `raysegtrain fit` command to its first training step (split into launching the
                worker, building data/model, the first batch), and the same inside each trial of a small study
 Throughput of a fit is the median images/s of its epochs after the first (warm-up, cudnn autotuning); "GPU busy" is
@@ -69,6 +71,54 @@ class GpuSampler:
                 per_gpu.setdefault(gpu, []).append(util)
         means = sorted((statistics.mean(v) for v in per_gpu.values()), reverse=True)[:n_gpus]
         return round(statistics.mean(means) / 100, 3) if means else None
+
+
+class ProfileSteps(Hook):
+    """Diagnosis: a torch-profiler window of STEPS training steps in epoch 2 on every rank. Each rank writes
+    rank<r>.json (GPU busy share inside the window from the kernels' own intervals, and the host ops that took the
+    most time) and rank<r>.txt (the profiler's table) into FOLDER."""
+
+    def __init__(self, folder: str, skip: int = 5, steps: int = 20):
+        self.folder, self.skip, self.steps = folder, skip, steps
+        self.prof = None
+
+    def after_step(self, info):
+        if info.epoch != 1:
+            return
+        if info.step == self.skip:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+            self.t = time.perf_counter()
+        elif self.prof is not None and info.step == self.skip + self.steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t
+            self.prof.__exit__(None, None, None)
+            self._write(wall)
+            self.prof = None
+
+    def _write(self, wall: float) -> None:
+        rank = self.trainer.rank
+        events = [e for e in self.prof.events() if getattr(e, "device_type", None) is not None
+                  and str(e.device_type).endswith("CUDA") and e.time_range.end > e.time_range.start]
+        spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+        busy, end = 0.0, float("-inf")
+        for a, b in spans:  # union of kernel intervals (us)
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        window = (spans[-1][1] - spans[0][0]) if spans else 0.0
+        avg = self.prof.key_averages()
+        top = sorted(avg, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+        out = {"rank": rank, "steps": self.steps, "wall_s": wall, "gpu_busy_in_window": busy / window if window else None,
+               "top_host_ops_ms": {e.key: round(e.self_cpu_time_total / 1e3, 2) for e in top}}
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        (Path(self.folder) / f"rank{rank}.json").write_text(json.dumps(out, indent=1))
+        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (Path(self.folder) / f"rank{rank}.txt").write_text(avg.table(sort_by=sort, row_limit=40))
 
 
 class EpochClock(Hook):
@@ -350,6 +400,16 @@ def main() -> int:
                     base = base or r["img_s"]
                     emit({"model": spec, "row": f"5 scaling ({data})", "gpus": n, **r,
                           "efficiency": r["img_s"] / (n * base)})
+                if "profile" in only and data == "memory":
+                    n = max(gpu_counts)
+                    folder = str(Path(os.environ.get("OUT", work)) / f"profile-{n}gpu")
+                    fit_throughput(common + model + [f"scaling.num_workers={n}"], sampler, gpus=n,
+                                   datasets=in_memory_datasets, hooks=[ProfileSteps(folder)])
+                    for f in sorted(Path(folder).glob("rank*.json")):
+                        r = json.loads(f.read_text())
+                        emit({"model": spec, "row": f"profile, rank {r['rank']}", "gpus": n,
+                              "gpu_busy": r["gpu_busy_in_window"], "window_s": r["wall_s"],
+                              "img_s": r["steps"] * args.batch * n / r["wall_s"]})
                 if "bf16grad" in only and max(gpu_counts) > 1:
                     n = max(gpu_counts)
                     r = fit_throughput(common + model + [f"scaling.num_workers={n}"], sampler, gpus=n,
