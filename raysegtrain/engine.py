@@ -139,6 +139,7 @@ class SegmentationTrainer:
         self._created = time.time()  # start-up, split: t0 -> here (launching this process) -> setup -> first batch
         self._first_step_s: float | None = None
         self.submitted: float | None = None  # when the caller handed the job to its launcher (e.g. Ray), if it did
+        self._pending_batches: tuple | None = None  # (epoch, train iterator started ahead of that epoch)
         self.rank, self.world_size = rank_and_world()
         self.is_main = self.rank == 0
         self.device = torch.device(device) if device is not None else _default_device()
@@ -392,7 +393,7 @@ class SegmentationTrainer:
     def _train_batches(self, epoch: int):
         """The train loader's iterator for EPOCH: the one started ahead (in setup, or at the end of the previous
         epoch), else a new one."""
-        pending, self._pending_batches = getattr(self, "_pending_batches", None), None
+        pending, self._pending_batches = self._pending_batches, None
         if pending is not None and pending[0] == epoch:
             return pending[1]
         return self._start_train_batches(epoch)

@@ -78,6 +78,8 @@ class ProgressHook(Hook):
         self.queue = queue
         self.interval_s = interval_s
         self._last = 0.0
+        self._copy = None  # (pinned host scalar, CUDA event) of the loss copy in flight
+        self._shown = float("nan")  # the latest loss that has landed on the host
 
     def _send(self, item) -> None:
         try:
@@ -119,7 +121,7 @@ class ProgressHook(Hook):
 
         if loss.device.type != "cuda":
             return float(loss)
-        previous = getattr(self, "_copy", None)
+        previous = self._copy
         host = torch.empty((), dtype=loss.dtype, pin_memory=True)
         host.copy_(loss, non_blocking=True)
         done = torch.cuda.Event()
@@ -127,7 +129,7 @@ class ProgressHook(Hook):
         self._copy = (host, done)
         if previous is not None and previous[1].query():
             self._shown = float(previous[0])
-        return getattr(self, "_shown", float("nan"))
+        return self._shown
 
     def after_epoch(self, metrics: dict[str, float]) -> None:
         if self.trainer.is_main:
@@ -223,14 +225,21 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
 
 
 def ray_scaling(cfg: Config) -> RayScalingConfig:
+    """Ray's ScalingConfig for CFG; a ResourceError when the cluster cannot hold it now (unless the config says to
+    wait for an autoscaler to add the nodes)."""
     s = cfg.scaling
-    if s.wait_for_resources:  # an autoscaling cluster may have none of it yet: Ray waits for the nodes
-        use_gpu = s.use_gpu != "false"
-        return RayScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu,
-                                resources_per_worker={"CPU": s.cpus_per_worker,
-                                                      **({"GPU": s.gpus_per_worker} if use_gpu else {})},
-                                placement_strategy=s.placement_strategy)
-    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = s.use_gpu != "false" if s.wait_for_resources else _check_resources(s)
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return RayScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+                            placement_strategy=s.placement_strategy)
+
+
+def _check_resources(s) -> bool:
+    """Whether the workers use GPUs, checked against what the cluster has now."""
+    have = ray.cluster_resources()
+    gpus = have.get("GPU", 0)
     if s.use_gpu == "true" and gpus == 0:
         raise ResourceError("scaling.use_gpu=true but the Ray cluster has no GPU (use scaling.use_gpu=auto or false)")
     use_gpu = s.use_gpu == "true" or (s.use_gpu == "auto" and gpus > 0)
@@ -238,15 +247,11 @@ def ray_scaling(cfg: Config) -> RayScalingConfig:
     if use_gpu and need_gpu > gpus:
         raise ResourceError(f"{s.num_workers} workers x {s.gpus_per_worker} GPU need {need_gpu:g} GPUs; the cluster "
                             f"has {gpus:g}")
-    cpus = ray.cluster_resources().get("CPU", 0)
+    cpus = have.get("CPU", 0)
     if s.num_workers * s.cpus_per_worker > cpus:
         raise ResourceError(f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU need "
                             f"{s.num_workers * s.cpus_per_worker:g} CPUs; the cluster has {cpus:g}")
-    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = s.gpus_per_worker
-    return RayScalingConfig(num_workers=s.num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-                            placement_strategy=s.placement_strategy)
+    return use_gpu
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -275,13 +280,13 @@ def one_line(err: BaseException) -> str:
 
 
 def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=(), datasets=None,
-                  t0: float | None = None) -> TorchTrainer:
+                  t0: float | None = None, scaling: RayScalingConfig | None = None) -> TorchTrainer:
     mode = cfg.train.monitor_mode
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "progress": progress, "hooks": list(hooks), "datasets": datasets,
                            "t0": t0 if t0 is not None else time.time(), "t_submit": time.time()},
-        scaling_config=ray_scaling(cfg),
+        scaling_config=scaling or ray_scaling(cfg),
         run_config=RayRunConfig(
             name=name,
             storage_path=storage_root(cfg),
@@ -313,7 +318,7 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     name = plan_run_name(cfg, resume)
     mlflow_loading = tracking.import_in_background() if cfg.tracking.enabled else None
     init_ray(address, verbose)
-    ray_scaling(cfg)  # resource errors before anything is written
+    scaling = ray_scaling(cfg)  # resource errors before anything is written
     if on_ready is not None:
         on_ready(cfg, name)
 
@@ -328,7 +333,8 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     from .progress import ProgressDisplay
 
     display = ProgressDisplay(cfg, mode=progress, console=console)
-    trainer = build_trainer(cfg, name, callbacks, progress=display.queue, hooks=hooks, datasets=datasets, t0=t0)
+    trainer = build_trainer(cfg, name, callbacks, progress=display.queue, hooks=hooks, datasets=datasets, t0=t0,
+                            scaling=scaling)
     try:
         with display:
             result = trainer.fit()
