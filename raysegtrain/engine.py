@@ -162,6 +162,11 @@ class SegmentationTrainer:
         self.amp_dtype = resolve_amp(t.amp, self.device)
         self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.device.type == "cuda")
         self.nan_check_every = 1 if self.device.type == "cpu" else 25
+        # copy + normalise batch i+1 on a side CUDA stream during step i: a gain on one GPU; beside DDP's all-reduce
+        # the copy on the compute stream did better (2 H200s, U-Net/ResNet-34: scaling efficiency 0.948 with
+        # the side stream, 0.968 without, in a run whose raw records were lost with its machine; see
+        # docs/benchmarks.md, `--only ...,variants` of scripts/benchmark.py measures it again)
+        self.copy_on_side_stream = self.device.type == "cuda" and self.world_size == 1
 
         # state that a checkpoint carries
         self.epoch = 0  # epochs completed
@@ -184,14 +189,19 @@ class SegmentationTrainer:
 
     # ------------------------------------------------------------------------------------------------ building
     def setup(self) -> None:
+        mark = _Stopwatch()
         seed_everything(self.seed, deterministic=self.cfg.train.deterministic)
         self.train_set, self.val_set = self.build_datasets()
+        mark("datasets")
         self.normalizer = input_normalizer(self.train_set, self.cfg.data)  # uint8 batches -> model input, on device
+        mark("normalizer")
         self.train_loader, self.val_loader = self.build_loaders()
         if self.epoch < self.epochs:
             # loader workers fork now, before CUDA and the model exist, and decode the first batches meanwhile
             self._prefetch_train_batches(self.epoch)
+        mark("loader_start")
         self.model = self.build_model()
+        mark("model")
         self.encoder_frozen = False
         self.optimizer = self.build_optimizer()
         self.steps_per_epoch = self.batches_per_epoch()
@@ -199,7 +209,10 @@ class SegmentationTrainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.loss_fn = self.build_loss().to(self.device)
         self.meter = self.build_meter()
+        mark("optimizer_loss_metrics")
         self.set_encoder_frozen(self.cfg.model.freeze_encoder_epochs > 0)
+        mark("wrap")
+        self.setup_times = mark.laps  # seconds per setup stage, for start-up diagnosis (scripts/benchmark.py)
 
     def build_datasets(self):
         if self._datasets_fn is not None:
@@ -469,9 +482,10 @@ class SegmentationTrainer:
 
     # ------------------------------------------------------------------------------------------------- helpers
     def device_batches(self, batches: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(model input, mask) pairs on the device. On a GPU, batch i+1 is copied and normalised on a side stream
-        while step i computes: on the default stream the copy would wait for the step and the step for the copy."""
-        if self.device.type != "cuda":
+        """(model input, mask) pairs on the device. With `copy_on_side_stream`, batch i+1 is copied and normalised on
+        a side stream while step i computes (on the compute stream the copy waits for the step and the step for the
+        copy); otherwise the non-blocking copy is queued on the compute stream."""
+        if not self.copy_on_side_stream:
             yield from (self.to_device(b) for b in batches)
             return
         side, main = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
@@ -640,6 +654,19 @@ class LocalCheckpointHook(Hook):
 
 
 # --------------------------------------------------------------------------------------------------- utilities
+class _Stopwatch:
+    """Calling it with a name records the seconds since the previous call under that name."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (a container's or Slurm's CPU set), not the machine's count."""
     try:
