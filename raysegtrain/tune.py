@@ -26,7 +26,7 @@ from . import preflight, tracking
 from .config import Config, flatten
 from .errors import TrainingError, UserError
 from .search_space import SearchSpace, load_space
-from .train import build_trainer, init_ray, one_line, ray_scaling, root_cause, storage_root
+from .train import build_trainer, init_ray, one_line, prestart_train_helpers, ray_scaling, root_cause, storage_root
 
 TRIAL_TAG = "raysegtrain.trial_id"
 STUDY_TAG = "raysegtrain.study"
@@ -395,6 +395,7 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
         raise UserError(f"no study named {name!r} under {storage} to resume")
 
     init_ray(address, verbose)
+    prestart_train_helpers()
     ray_scaling(base)
     uri = parent = None
     if base.tracking.enabled:
