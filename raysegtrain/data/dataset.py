@@ -20,7 +20,6 @@ from ..errors import DataError
 from . import synthetic
 from .io import IMAGE_EXTENSIONS, MASK_EXTENSIONS, read_mask, read_pixels
 from .normalize import Normalizer
-from .transforms import build_eval_transform, build_train_transform, evenly_spaced, mean_std
 
 CLASS_WEIGHT_MAX_MASKS = 2048  # auto class weights: at most this many train masks, evenly spaced
 
@@ -240,6 +239,8 @@ def mask_dtype(cfg: DataConfig) -> type:
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, root: Path | None = None) -> SegmentationDataset:
     """The split with the train (augmenting) or eval transform; its `normalizer` holds mean_std(cfg, root)."""
+    from .transforms import build_eval_transform, build_train_transform, mean_std  # Albumentations: 0.5 s to import
+
     root = root or resolve_root(cfg)
     transform = (build_train_transform if train else build_eval_transform)(cfg)
     return SegmentationDataset(list_split(cfg, split, root), cfg, transform, cache=cfg.cache == "memory",
@@ -258,6 +259,8 @@ def class_weights(cfg: DataConfig, root: Path | None = None) -> list[float] | No
 
 def class_pixel_counts(cfg: DataConfig, root: Path | None = None) -> np.ndarray:
     """Pixels per class over (at most CLASS_WEIGHT_MAX_MASKS evenly spaced) train masks; ignore_index left out."""
+    from .transforms import evenly_spaced
+
     counts = np.zeros(cfg.num_classes, np.int64)
     for _, mask_path in evenly_spaced(list_split(cfg, "train", root), CLASS_WEIGHT_MAX_MASKS):
         mask = read_mask(mask_path, cfg)
