@@ -8,8 +8,13 @@ For each model (default U-Net/ResNet-34, DeepLabV3+/ResNet-50, FPN/EfficientNet-
   5. scaling   `fit` on the real data with 1, 2, 4 ... GPUs (same per-GPU batch): efficiency = X_N / (N * X_1)
   (profile) with --only ...,profile: a torch-profiler window of 20 steps on every rank of the largest in-memory
                scaling run, written to $OUT/profile-<N>gpu/rank<r>.{json,txt} (GPU busy from kernel intervals, host ops)
-  6. startup   seconds from the `raysegtrain fit` command to its first training step (split into launching the
-               worker, building data/model, the first batch), and the same inside each trial of a small study
+  (variants) with --only ...,variants: the largest scaling run again with one change each (batches resident on the
+               GPU, a side copy stream, DDP bucket views, no buffer broadcast) to locate a multi-GPU gap
+  6. startup   seconds from the `raysegtrain fit` command to its first training step (split into the driver's part,
+               launching the worker, building data/model, the first batch), with a local Ray and against a running
+               head, next to Ray's own floor (a TorchTrainer whose train function does nothing); with --only
+               ...,setup also the worker's setup stages; Ray Train's logs go to $OUT/startup-logs.tar. study: the
+               same inside each trial of a small study
 Throughput of a fit is the median images/s of its epochs after the first (warm-up, cudnn autotuning); "GPU busy" is
 nvidia-smi's utilisation of the fit's GPUs sampled every 100 ms inside those epochs' training windows; "data wait"
 the share of those epochs the loop stood waiting for the loader. The dataset holds --steps batches per GPU at the
@@ -24,6 +29,8 @@ import argparse
 import json
 import os
 import glob
+import gzip
+import shutil
 import sqlite3
 import statistics
 import subprocess
@@ -119,6 +126,51 @@ class ProfileSteps(Hook):
         (Path(self.folder) / f"rank{rank}.json").write_text(json.dumps(out, indent=1))
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         (Path(self.folder) / f"rank{rank}.txt").write_text(avg.table(sort_by=sort, row_limit=40))
+        trace = Path(self.folder) / f"rank{rank}.trace.json"
+        self.prof.export_chrome_trace(str(trace))  # the timeline, for the gaps between kernels (chrome://tracing)
+        with open(trace, "rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
+
+
+class DdpVariant(Hook):
+    """Diagnosis of the multi-GPU gap: one change to how a fit feeds or wraps the model, at the largest GPU count.
+    gpu-resident  every step trains on one batch already on the GPU (no loader, pinning or copy in the loop)
+    side-stream  batches copied and normalised on a side stream during the previous step (the 1-GPU default; the
+                 multi-GPU default copies on the compute stream)
+    bucket-view  DDP with gradient_as_bucket_view=True (gradients live in the all-reduce buckets: no copy-back)
+    no-buffer-sync  DDP with broadcast_buffers=False (no BatchNorm-buffer broadcast before every forward)"""
+
+    NAMES = ("gpu-resident", "side-stream", "bucket-view", "no-buffer-sync")
+
+    def __init__(self, name: str):
+        assert name in self.NAMES, name
+        self.name = name
+
+    def before_train(self):
+        t = self.trainer
+        if self.name in ("bucket-view", "no-buffer-sync") and t.world_size > 1:
+            kw = {"gradient_as_bucket_view": True} if self.name == "bucket-view" else {"broadcast_buffers": False}
+            ids = [t.device] if t.device.type == "cuda" else None
+            t.model = torch.nn.parallel.DistributedDataParallel(t.module, device_ids=ids, **kw)
+        elif self.name == "side-stream":
+            t.copy_on_side_stream = t.device.type == "cuda"
+        elif self.name == "gpu-resident":
+            fixed = t.to_device(next(iter(t.train_loader)))
+
+            def resident(batches):
+                n = min(t.steps_per_epoch * t.grad_accum, len(t.train_loader))
+                return iter([fixed] * n)  # the loader's iterator is left alone
+
+            t.device_batches = resident
+
+
+class SetupTimes(Hook):
+    """Puts the trainer's setup stages (seconds each: datasets, loader start, model, ...) into epoch 1's metrics."""
+
+    def after_epoch(self, metrics):
+        if metrics is self.trainer.history[0]:
+            metrics.update({f"setup_{k}_s": v for k, v in getattr(self.trainer, "setup_times", {}).items()})
 
 
 class EpochClock(Hook):
@@ -235,7 +287,7 @@ def fit_throughput(overrides: list[str], sampler: GpuSampler | None, gpus: int =
 
     cfg = config.load(None, overrides)
     t0 = time.time()
-    result = fit(cfg, datasets=datasets, hooks=[EpochClock(), *hooks])
+    result = fit(cfg, datasets=datasets, hooks=[EpochClock(), SetupTimes(), *hooks])
     hist = result.history
     steady = hist[1:] or hist
     first = hist[0] if hist else {}
@@ -244,7 +296,8 @@ def fit_throughput(overrides: list[str], sampler: GpuSampler | None, gpus: int =
             "epochs": [round(h["images_per_s"], 1) for h in hist],
             "gpu_busy": sampler.busy(windows, gpus) if sampler else None,
             "data_wait": round(statistics.median(h.get("data_wait_share", float("nan")) for h in steady), 3),
-            **{k: round(first[k], 2) for k in STARTUP_KEYS if k in first}, "wall_s": round(time.time() - t0, 1),
+            **{k: round(first[k], 2) for k in STARTUP_KEYS if k in first},
+            **{k: round(v, 2) for k, v in first.items() if k.startswith("setup_")}, "wall_s": round(time.time() - t0, 1),
             "peak_gib": max((h.get("peak_gpu_gib", 0) for h in hist), default=None)}
 
 
@@ -269,17 +322,21 @@ def pipeline_throughput(overrides: list[str], workers: int, batches: int = 40) -
     return {"workers": workers, "img_s": n / (time.perf_counter() - t)}
 
 
-def command_startup(common: list[str], work: Path, extra_env: dict | None = None) -> dict:
-    """`python3 -m raysegtrain fit` as a user types it (MLflow tracking on), from the moment it is launched."""
+def command_startup(common: list[str], work: Path, extra_env: dict | None = None, address: str | None = None,
+                    label: str = "command") -> dict:
+    """`python3 -m raysegtrain fit` as a user types it (MLflow tracking on), from the moment it is launched; with
+    ADDRESS, against that running Ray cluster. Ray Train's logs go to $OUT/startup-logs.tar under LABEL/."""
     extra_env = extra_env or {}
-    storage = work / f"startup-runs-{len(extra_env)}"
-    cmd = [sys.executable, "-m", "raysegtrain", "fit", *common, "train.epochs=1", "train.max_steps_per_epoch=10",
-           "tracking.enabled=true", f"run.storage_path={storage}", "--no-progress"]
+    storage = work / f"startup-runs-{label}"
+    cmd = [sys.executable, "-m", "raysegtrain", "fit", *common, "train.epochs=1", "train.max_steps_per_epoch=2",
+           "tracking.enabled=true", f"run.storage_path={storage}", "--no-progress",
+           *(["--address", address] if address else [])]
     env = {**os.environ, **extra_env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "RAYSEGTRAIN_T0": str(time.time())}
     t = time.time()
     proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
     wall = time.time() - t
+    keep_train_logs(label)
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1:] or proc.returncode}
     from raysegtrain.engine import load_checkpoint
@@ -287,6 +344,68 @@ def command_startup(common: list[str], work: Path, extra_env: dict | None = None
     newest = max(glob.glob(str(storage / "**" / "checkpoint.pt"), recursive=True), key=os.path.getmtime)
     first = load_checkpoint(newest)["history"][0]
     return {**{k: round(first[k], 2) for k in STARTUP_KEYS if k in first}, "command_wall_s": round(wall, 1)}
+
+
+def keep_train_logs(label: str) -> None:
+    """Ray Train's system logs of the latest Ray session (the controller's worker-group stages, timestamped), added
+    under LABEL/ to $OUT/startup-logs.tar: one file, so that it comes back whatever the number of runs."""
+    import tarfile
+
+    logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs" / "train"
+    with tarfile.open(Path(os.environ.get("OUT", ".")) / "startup-logs.tar", "a") as tar:
+        for f in sorted(logs.glob("ray-train-sys-*.log")):
+            tar.add(f, arcname=f"{label}/{f.name}")
+
+
+BARE_TRAINER = """
+import sys, time, ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+t0 = time.time()
+ray.init(address=sys.argv[1] or None, include_dashboard=False, logging_level="ERROR")
+t_init = time.time()
+
+def train_fn(config):
+    import json, time
+    print("BARE " + json.dumps({"ray_init_s": config["init"] - config["t0"], "launch_s": time.time() - config["init"]}))
+
+TorchTrainer(train_fn, train_loop_config={"t0": t0, "init": t_init},
+             scaling_config=ScalingConfig(num_workers=1, use_gpu=__import__("torch").cuda.is_available()),
+             run_config=RunConfig(storage_path=sys.argv[2], name=f"bare-{int(t0)}")).fit()
+"""
+
+
+def bare_trainer_startup(work: Path, address: str | None = None) -> dict:
+    """Ray's own floor: a TorchTrainer of one GPU worker whose train function does nothing, from `fit()` to that
+    function (and ray.init before it), in a fresh process."""
+    proc = subprocess.run([sys.executable, "-c", BARE_TRAINER, address or "", str(work / "bare-runs")],
+                          capture_output=True, text=True)
+    keep_train_logs("bare-" + ("head" if address else "local"))
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if "BARE " in line:
+            return {k: round(v, 2) for k, v in json.loads(line.split("BARE ", 1)[1]).items()}
+    return {"error": (proc.stderr.strip().splitlines() or [proc.returncode])[-1]}
+
+
+def setup_split(common: list[str]) -> dict:
+    """`fit()` in this process against the running head (RAY_ADDRESS=auto): the first step's parts and the worker's
+    setup stages (datasets, loader start, model, ...)."""
+    from raysegtrain.train import fit
+
+    os.environ["RAY_ADDRESS"] = "auto"
+    try:
+        result = fit(config.load(None, common + ["train.epochs=1", "train.max_steps_per_epoch=2"]),
+                     hooks=[SetupTimes()])
+    finally:
+        del os.environ["RAY_ADDRESS"]
+    first = result.history[0]
+    return {k: round(v, 2) for k, v in first.items() if k in STARTUP_KEYS or k.startswith("setup_")}
+
+
+def ray_cli(*args: str) -> None:
+    exe = shutil.which("ray")
+    subprocess.run(([exe] if exe else [sys.executable, "-m", "ray.scripts.scripts"]) + list(args),
+                   capture_output=True, text=True, check=True)
 
 
 def study_startup(common: list[str], work: Path, trials: int = 8, concurrent: int = 4, gpu: bool = True) -> dict:
@@ -323,23 +442,30 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32,
                     help="batches per GPU and epoch at the largest GPU count (sets the dataset's size)")
-    ap.add_argument("--only", default="ceiling,fp32,overhead,real,pipeline,ddp,scaling,startup")
+    ap.add_argument("--only", default="ceiling,fp32,overhead,real,pipeline,ddp,scaling,startup,study")
     ap.add_argument("--scaling-data", default="real", help="real and/or memory (comma-separated): the scaling rows' data")
     ap.add_argument("--startup-model", default="unet:resnet34", help="the model of the command start-up row")
+    ap.add_argument("--head-runs", type=int, default=2, help="command start-up rows against a running head")
+    ap.add_argument("--val", type=int, default=128, help="validation images in the dataset")
     ap.add_argument("--preload", default="", help="also time the command start-up with RAY_preload_python_modules=THIS")
     ap.add_argument("--out", default="benchmark.json")
+    ap.add_argument("--cpu", action="store_true",
+                    help="dry run without a GPU (CPU workers, no GPU sampling): checks the script's paths, e.g. with "
+                         "--only startup --size 64 --batch 4 --steps 1 --val 8 --startup-model unet:resnet18")
+    ap.add_argument("--size", type=int, default=SIZE, help="image side")
     args = ap.parse_args()
+    size = args.size
     only = set(args.only.split(","))
     os.environ.setdefault("RAYSEGTRAIN_CACHE", str(Path(tempfile.gettempdir()) / "raysegtrain-bench-cache"))
-    card = torch.cuda.get_device_name()
-    gpu_counts = [n for n in (int(g) for g in args.gpus.split(",")) if n <= torch.cuda.device_count()]
+    card = "CPU (dry run)" if args.cpu else torch.cuda.get_device_name()
+    gpu_counts = [n for n in (int(g) for g in args.gpus.split(",")) if args.cpu or n <= torch.cuda.device_count()]
     num_train = args.steps * args.batch * max(gpu_counts or [1])
     work = Path(tempfile.mkdtemp(prefix="rsbench-"))
     os.chdir(work)
-    common = [f"data.synthetic.size={SIZE}", f"data.image_size={SIZE}", f"data.synthetic.num_train={num_train}",
-              "data.synthetic.num_val=128", "data.synthetic.num_test=0", f"train.batch_size={args.batch}",
+    common = [f"data.synthetic.size={size}", f"data.image_size={size}", f"data.synthetic.num_train={num_train}",
+              f"data.synthetic.num_val={args.val}", "data.synthetic.num_test=0", f"train.batch_size={args.batch}",
               f"train.epochs={args.epochs}", "train.early_stopping.patience=null", "tracking.enabled=false",
-              "scaling.use_gpu=true", "tracking.num_overlays=0"]
+              f"scaling.use_gpu={str(not args.cpu).lower()}", "tracking.num_overlays=0"]
     rows = []
     report = {"card": card, "gpus_visible": torch.cuda.device_count(), "cpus": os.cpu_count(),
               "torch": torch.__version__, "num_train": num_train, "batch_per_gpu": args.batch, "rows": rows}
@@ -348,7 +474,7 @@ def main() -> int:
 
     cached_root(config.load(None, common).data.synthetic)  # generated once, outside every timing
     report["dataset_generation_s"] = round(time.time() - t, 1)
-    sampler = GpuSampler()
+    sampler = None if args.cpu else GpuSampler()
 
     def emit(row):
         rows.append(row)
@@ -410,6 +536,14 @@ def main() -> int:
                         emit({"model": spec, "row": f"profile, rank {r['rank']}", "gpus": n,
                               "gpu_busy": r["gpu_busy_in_window"], "window_s": r["wall_s"],
                               "img_s": r["steps"] * args.batch * n / r["wall_s"]})
+                if "variants" in only and max(gpu_counts) > 1:
+                    n = max(gpu_counts)
+                    for name in DdpVariant.NAMES:
+                        r = fit_throughput(common + model + [f"scaling.num_workers={n}"], sampler, gpus=n,
+                                           datasets=in_memory_datasets if data == "memory" else None,
+                                           hooks=[DdpVariant(name)])
+                        emit({"model": spec, "row": f"5 scaling ({data}), {name}", "gpus": n, **r,
+                              "efficiency": r["img_s"] / (n * base)})
                 if "bf16grad" in only and max(gpu_counts) > 1:
                     n = max(gpu_counts)
                     r = fit_throughput(common + model + [f"scaling.num_workers={n}"], sampler, gpus=n,
@@ -421,22 +555,43 @@ def main() -> int:
         for w in (1, max(1, (os.cpu_count() or 2) - 1)):
             emit({"model": "-", "row": "4 pipeline", **pipeline_throughput(common, w, batches=8 if w == 1 else 60)})
     if "startup" in only:
+        # most telling first, so that a run cut by a time limit still has the rows that matter
         arch, enc = args.startup_model.split(":")
         first_model = [f"model.arch={arch}", f"model.encoder={enc}"]
+        import ray
+
+        ray.shutdown()  # the benchmark's own Ray must not run beside the command's
         emit({"model": args.startup_model, "row": "6 command start-up", "gpus": 1,
               **command_startup(common + first_model, work)})
         if args.preload:
             emit({"model": args.startup_model, "row": "6 command start-up, preload", "gpus": 1,
-                  **command_startup(common + first_model, work, {"RAY_preload_python_modules": args.preload})})
-        emit({"model": "smoke study", "row": "6 trial start-up", **study_startup(common, work)})
+                  **command_startup(common + first_model, work, {"RAY_preload_python_modules": args.preload},
+                                    label="preload")})
+        ray_cli("start", "--head", "--include-dashboard=false", "--disable-usage-stats")
+        try:
+            for i in range(1, args.head_runs + 1):
+                emit({"model": args.startup_model, "row": f"6 command start-up, running head ({i})", "gpus": 1,
+                      **command_startup(common + first_model, work, address="auto", label=f"head-{i}")})
+                if i == 1:
+                    emit({"model": "-", "row": "6 bare TorchTrainer, running head", "gpus": 1,
+                          **bare_trainer_startup(work, "auto")})
+            if "setup" in only:
+                emit({"model": args.startup_model, "row": "6 fit() on the running head, setup split", "gpus": 1,
+                      **setup_split(common + first_model)})
+        finally:
+            ray.shutdown()
+            ray_cli("stop", "--force")
+        emit({"model": "-", "row": "6 bare TorchTrainer, local Ray", "gpus": 1, **bare_trainer_startup(work)})
+        if "study" in only:
+            emit({"model": "smoke study", "row": "6 trial start-up", **study_startup(common, work)})
 
     print(f"\n{card} x {torch.cuda.device_count()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"{'model':28} {'row':20} {'gpus':>4} {'img/s':>8} {'ratio':>6} {'eff':>5} {'busy':>5} {'wait':>5} "
+    print(f"{'model':28} {'row':44} {'gpus':>4} {'img/s':>8} {'ratio':>6} {'eff':>5} {'busy':>5} {'wait':>5} "
           f"{'first step s':>12}")
     for r in rows:
         first = r.get("first_step_s")
         first = first.get("median") if isinstance(first, dict) else first
-        print(f"{r['model']:28} {r['row']:20} {r.get('gpus', ''):>4} {r.get('img_s') or 0:8.1f} "
+        print(f"{r['model']:28} {r['row']:44} {r.get('gpus', ''):>4} {r.get('img_s') or 0:8.1f} "
               f"{r.get('ratio') or 0:6.2f} {r.get('efficiency') or 0:5.2f} {r.get('gpu_busy') or 0:5.2f} "
               f"{r.get('data_wait') or 0:5.2f} {first or 0:12.1f}")
     return 0
