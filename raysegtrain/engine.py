@@ -139,6 +139,7 @@ class SegmentationTrainer:
         self._created = time.time()  # start-up, split: t0 -> here (launching this process) -> setup -> first batch
         self._first_step_s: float | None = None
         self.submitted: float | None = None  # when the caller handed the job to its launcher (e.g. Ray), if it did
+        self.driver_stages: dict[str, float] = {}  # the caller's preparation, split (seconds a stage; sums to it)
         self._pending_batches: tuple | None = None  # (epoch, train iterator started ahead of that epoch)
         self.rank, self.world_size = rank_and_world()
         self.is_main = self.rank == 0
@@ -189,7 +190,7 @@ class SegmentationTrainer:
 
     # ------------------------------------------------------------------------------------------------ building
     def setup(self) -> None:
-        mark = _Stopwatch()
+        mark = Stopwatch()
         seed_everything(self.seed, deterministic=self.cfg.train.deterministic)
         self.train_set, self.val_set = self.build_datasets()
         mark("datasets")
@@ -398,6 +399,7 @@ class SegmentationTrainer:
                "startup_setup_s": self._set_up - self._created, "startup_first_batch_s": first - self._set_up}
         if self.submitted is not None:  # launch = the caller's own preparation + starting this process
             out.update(startup_driver_s=self.submitted - self._t0, startup_workers_s=self._created - self.submitted)
+            out.update({f"startup_driver_{stage}_s": s for stage, s in self.driver_stages.items()})
         return out
 
     def _epoch_seed(self, epoch: int) -> int:
@@ -654,17 +656,19 @@ class LocalCheckpointHook(Hook):
 
 
 # --------------------------------------------------------------------------------------------------- utilities
-class _Stopwatch:
-    """Calling it with a name records the seconds since the previous call under that name."""
+class Stopwatch:
+    """Calling it with a name records the seconds since the previous call (or since START, a time.time()) under that
+    name in `laps`, and returns the time of the call."""
 
-    def __init__(self):
+    def __init__(self, start: float | None = None):
         self.laps: dict[str, float] = {}
-        self._last = time.perf_counter()
+        self._last = time.time() if start is None else start
 
-    def __call__(self, name: str) -> None:
-        now = time.perf_counter()
+    def __call__(self, name: str) -> float:
+        now = time.time()
         self.laps[name] = now - self._last
         self._last = now
+        return now
 
 
 def usable_cpus() -> int:

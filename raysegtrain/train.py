@@ -20,7 +20,7 @@ import numpy as np
 
 from . import preflight, tracking
 from .config import Config
-from .engine import Hook, SegmentationTrainer, StepInfo, load_checkpoint, save_checkpoint
+from .engine import Hook, SegmentationTrainer, StepInfo, Stopwatch, load_checkpoint, save_checkpoint
 from .errors import ConfigError, ResourceError, TrainingError, UserError
 
 import ray
@@ -152,6 +152,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     trainer = SegmentationTrainer(cfg, hooks, device=device, wrap_model=ray.train.torch.prepare_model,
                                   resume_state=state, datasets=loop_config.get("datasets"), t0=loop_config.get("t0"))
     trainer.submitted = loop_config.get("t_submit")
+    trainer.driver_stages = loop_config.get("driver_stages") or {}
     return trainer.fit()
 
 
@@ -295,12 +296,17 @@ def one_line(err: BaseException) -> str:
 
 
 def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=(), datasets=None,
-                  t0: float | None = None, scaling: RayScalingConfig | None = None) -> TorchTrainer:
+                  t0: float | None = None, scaling: RayScalingConfig | None = None,
+                  driver_stages: Stopwatch | None = None) -> TorchTrainer:
+    """The TorchTrainer of one run. DRIVER_STAGES, the caller's stopwatch since T0, gets its last lap ("trainer")
+    here, at the hand-over to Ray Train; its laps reach the first epoch's metrics as startup_driver_<stage>_s."""
     mode = cfg.train.monitor_mode
+    t_submit = driver_stages("trainer") if driver_stages is not None else time.time()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "progress": progress, "hooks": list(hooks), "datasets": datasets,
-                           "t0": t0 if t0 is not None else time.time(), "t_submit": time.time()},
+                           "t0": t0 if t0 is not None else t_submit, "t_submit": t_submit,
+                           "driver_stages": dict(driver_stages.laps) if driver_stages is not None else {}},
         scaling_config=scaling or ray_scaling(cfg),
         run_config=RayRunConfig(
             name=name,
@@ -325,16 +331,20 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     sources); its items are dicts with image (float CxHxW) and mask (long HxW).
     """
     t0 = float(os.environ.get("RAYSEGTRAIN_T0", time.time()))
+    stages = Stopwatch(t0)  # the driver's part of the start-up: where a slow first step went
+    stages("imports")  # the command's own start: interpreter, torch, Ray
     cfg = with_absolute_paths(cfg)
     if datasets is None:
         preflight.check_fit(cfg)
     else:
         preflight.check_augment(cfg), preflight.check_model(cfg)
     name = plan_run_name(cfg, resume)
+    stages("checks")
     mlflow_loading = tracking.import_in_background() if cfg.tracking.enabled else None
     init_ray(address, verbose)
     prestart_train_helpers()
     scaling = ray_scaling(cfg)  # resource errors before anything is written
+    stages("ray")
     if on_ready is not None:
         on_ready(cfg, name)
 
@@ -345,12 +355,13 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
         run_id = tracking.find_run(uri, cfg.tracking.experiment, name) if resume else None
         run_id = run_id or tracking.start_run(cfg, name, uri=uri, tags={"storage_path": storage_root(cfg)})
     callbacks = [MLflowEpochLogger(uri, run_id)] if run_id else []
+    stages("tracking")
 
     from .progress import ProgressDisplay
 
     display = ProgressDisplay(cfg, mode=progress, console=console)
     trainer = build_trainer(cfg, name, callbacks, progress=display.queue, hooks=hooks, datasets=datasets, t0=t0,
-                            scaling=scaling)
+                            scaling=scaling, driver_stages=stages)
     try:
         with display:
             result = trainer.fit()

@@ -49,7 +49,8 @@ from raysegtrain.engine import Hook  # noqa: E402
 
 SIZE = 512
 STARTUP_KEYS = ("first_step_s", "startup_launch_s", "startup_driver_s", "startup_workers_s", "startup_setup_s",
-                "startup_first_batch_s")
+                "startup_first_batch_s", *(f"startup_driver_{k}_s" for k in ("imports", "checks", "ray", "tracking",
+                                                                             "trainer")))
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -403,9 +404,7 @@ def setup_split(common: list[str]) -> dict:
 
 
 def ray_cli(*args: str) -> None:
-    exe = shutil.which("ray")
-    subprocess.run(([exe] if exe else [sys.executable, "-m", "ray.scripts.scripts"]) + list(args),
-                   capture_output=True, text=True, check=True)
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True, check=True)
 
 
 def study_startup(common: list[str], work: Path, trials: int = 8, concurrent: int = 4, gpu: bool = True) -> dict:
@@ -567,8 +566,8 @@ def main() -> int:
             emit({"model": args.startup_model, "row": "6 command start-up, preload", "gpus": 1,
                   **command_startup(common + first_model, work, {"RAY_preload_python_modules": args.preload},
                                     label="preload")})
-        ray_cli("start", "--head", "--include-dashboard=false", "--disable-usage-stats")
         try:
+            ray_cli("start", "--head", "--include-dashboard=false", "--disable-usage-stats")
             for i in range(1, args.head_runs + 1):
                 emit({"model": args.startup_model, "row": f"6 command start-up, running head ({i})", "gpus": 1,
                       **command_startup(common + first_model, work, address="auto", label=f"head-{i}")})
@@ -578,9 +577,11 @@ def main() -> int:
             if "setup" in only:
                 emit({"model": args.startup_model, "row": "6 fit() on the running head, setup split", "gpus": 1,
                       **setup_split(common + first_model)})
+        except subprocess.CalledProcessError as e:
+            emit({"model": "-", "row": "6 running head", "error": (e.stderr or "").strip().splitlines()[-1:]})
         finally:
             ray.shutdown()
-            ray_cli("stop", "--force")
+            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
         emit({"model": "-", "row": "6 bare TorchTrainer, local Ray", "gpus": 1, **bare_trainer_startup(work)})
         if "study" in only:
             emit({"model": "smoke study", "row": "6 trial start-up", **study_startup(common, work)})

@@ -34,6 +34,9 @@ def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tin
     parts = ("startup_driver_s", "startup_workers_s", "startup_setup_s", "startup_first_batch_s")
     assert all(first[k] >= 0 for k in parts)
     assert sum(first[k] for k in parts) == pytest.approx(first["first_step_s"], abs=1e-6)
+    stages = {k: first[f"startup_driver_{k}_s"] for k in ("imports", "checks", "ray", "tracking", "trainer")}
+    assert all(v >= 0 for v in stages.values()) and stages["checks"] > 0  # the model check builds a model
+    assert sum(stages.values()) == pytest.approx(first["startup_driver_s"], abs=1e-6)
     assert "first_step_s" not in result.history[1]
     assert all(0 <= h["data_wait_share"] <= 1 for h in result.history)
 
