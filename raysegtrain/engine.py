@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .config import Config
-from .data.normalize import input_normalizer, model_input
+from .data.normalize import Normalizer, input_normalizer, model_input
 from .errors import TrainingError
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -594,8 +594,16 @@ class SegmentationTrainer:
             "bad_epochs": self.bad_epochs,
             "metrics": self.history[-1] if self.history else {},
             "history": self.history,
-            "config": self.cfg.to_dict(),
+            "config": self.trained_config().to_dict(),
         }
+
+    def trained_config(self) -> Config:
+        """The config as trained, for checkpoints: `normalize: dataset` statistics are written in as data.mean/std,
+        so that predict, evaluate and export of a checkpoint need no copy of the training set."""
+        d, norm = self.cfg.data, self.normalizer
+        if d.normalize != "dataset" or (d.mean is not None and d.std is not None) or not isinstance(norm, Normalizer):
+            return self.cfg
+        return self.cfg.model_copy(update={"data": d.model_copy(update={"mean": list(norm.mean), "std": list(norm.std)})})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])

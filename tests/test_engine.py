@@ -152,3 +152,19 @@ def test_grad_accumulation_steps_the_optimizer_less_often(tiny_cfg):
 
     CountOptSteps(tiny_cfg("train.epochs=1", "train.grad_accum=2", "train.batch_size=2")).fit()
     assert len(steps) == 3  # 6 batches of 2, one optimizer step per 2 batches
+
+
+def test_dataset_normalization_travels_in_the_checkpoint(tiny_cfg, tmp_path):
+    from raysegtrain.config import Config
+    from raysegtrain.data.dataset import build_dataset
+    from raysegtrain.inference import normalization
+
+    cfg = tiny_cfg("train.epochs=1", "data.normalize=dataset")
+    train_local(cfg, tmp_path)
+    trained = Config.model_validate(load_checkpoint(tmp_path / "best")["config"])
+    stats = build_dataset(cfg.data, "train", train=True).normalizer
+    assert trained.data.normalize == "dataset" and stats.mean != (0.485, 0.456, 0.406)  # the set's own statistics
+    assert (tuple(trained.data.mean), tuple(trained.data.std)) == (stats.mean, stats.std)
+    # the training set is no longer needed to predict with the checkpoint
+    moved = trained.model_copy(update={"data": trained.data.model_copy(update={"root": tmp_path / "gone"})})
+    assert normalization(moved) == (stats.mean, stats.std)
