@@ -228,7 +228,8 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
 def prestart_train_helpers() -> None:
     """Start the cluster's autoscaling-coordinator actor now, in the background. Each Ray Train controller registers
     its resource request with it (waiting up to 5 s) and creates it on first use, a process start that otherwise
-    lies on the path to the first step (4-5 s on a GPU host, Ray 2.60). It is detached: one per cluster, shared.
+    lies on the path to the first step (Ray 2.60; with it started here, request to placement group took 0.03-0.67 s
+    on an H200 host, docs/benchmarks.md). It is detached: one per cluster, shared.
     Ray-internal, so best-effort: if it moves, Ray Train creates it itself as before."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
