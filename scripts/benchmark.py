@@ -403,8 +403,8 @@ def setup_split(common: list[str]) -> dict:
     return {k: round(v, 2) for k, v in first.items() if k in STARTUP_KEYS or k.startswith("setup_")}
 
 
-def ray_cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True, check=True)
+def ray_cli(*args: str, check: bool = True) -> None:
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True, check=check)
 
 
 def study_startup(common: list[str], work: Path, trials: int = 8, concurrent: int = 4, gpu: bool = True) -> dict:
@@ -581,7 +581,7 @@ def main() -> int:
             emit({"model": "-", "row": "6 running head", "error": (e.stderr or "").strip().splitlines()[-1:]})
         finally:
             ray.shutdown()
-            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
+            ray_cli("stop", "--force", check=False)
         emit({"model": "-", "row": "6 bare TorchTrainer, local Ray", "gpus": 1, **bare_trainer_startup(work)})
         if "study" in only:
             emit({"model": "smoke study", "row": "6 trial start-up", **study_startup(common, work)})
