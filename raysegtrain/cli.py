@@ -10,17 +10,28 @@ from pathlib import Path
 from .errors import TrainingError, UserError
 
 
+CONFIG_ARGS_HELP = ("optional YAML config, or a dataset folder (same as data.root=FOLDER), then dotted overrides "
+                    "such as model.arch=fpn optim.lr=3e-4")
+
+
 def _config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG.yaml] [key=value ...]`: the first item is a config file unless it is an override."""
+    """`[CONFIG.yaml | DATASET_DIR] [key=value ...]`: the first item is a config file or a dataset folder unless it is
+    an override."""
     if items and "=" not in items[0]:
         return items[0], items[1:]
     return None, items
 
 
 def _load(items: list[str]):
+    """The config of `[CONFIG.yaml | DATASET_DIR] [key=value ...]`. A folder is unambiguous (a config is a file), so
+    it stands for `data.root=FOLDER`; overrides still apply after it."""
     from . import config
 
     path, overrides = _config_and_overrides(items)
+    if path is not None and not Path(path).expanduser().exists():
+        raise UserError(f"{path}: no such config file or dataset folder (overrides look like key=value)")
+    if path is not None and Path(path).expanduser().is_dir():
+        return config.build({"data": {"root": str(Path(path).expanduser())}}, overrides, source=f"data.root={path}")
     return config.load(path, overrides)
 
 
@@ -123,9 +134,44 @@ def cmd_config(args) -> int:
     return 0
 
 
+DEFAULT_UI_PORT = 5000
+
+
+def port_is_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def ui_port(host: str, requested: int | None) -> int:
+    """The port the UI will serve on. A port the user asked for must be free (else a one-line error: printing its
+    link would send them to whatever already listens there); the default moves to a free port if it is taken."""
+    import socket
+
+    if requested is not None:
+        if not port_is_free(host, requested):
+            raise UserError(f"port {requested} on {host} is already in use (another MLflow UI?): choose a free one "
+                            f"with --port, or omit --port to pick one")
+        return requested
+    if port_is_free(host, DEFAULT_UI_PORT):
+        return DEFAULT_UI_PORT
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def cmd_ui(args) -> int:
     from . import tracking
 
+    port = ui_port(args.host, args.port)
+    if args.port is None and port != DEFAULT_UI_PORT:
+        print(f"port {DEFAULT_UI_PORT} is in use: serving on {port}", file=sys.stderr)
+    args.port = port
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(args.experiment)
@@ -156,6 +202,17 @@ def cmd_ui(args) -> int:
         return 0
 
 
+def _reader_went_away() -> int:
+    """`raysegtrain config --defaults | head`: the reader closed the pipe, which is not an error of ours. Point
+    stdout at /dev/null so that the interpreter's final flush does not raise again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysegtrain", description="Semantic-segmentation training on Ray, tracked in "
@@ -166,8 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("fit", help="train a model with Ray Train (DDP over workers)")
-    f.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]",
-                   help="optional YAML config, then dotted overrides such as model.arch=fpn optim.lr=3e-4")
+    f.add_argument("config", nargs="*", metavar="[CONFIG.yaml | DATASET_DIR] [key=value]", help=CONFIG_ARGS_HELP)
     f.add_argument("--resume", metavar="NAME", help="continue the interrupted run NAME from its latest checkpoint")
     f.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     f.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
@@ -198,16 +254,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_synth)
     c = dsub.add_parser("check", help="find every problem in a dataset before training (exit 2 if any)")
-    c.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    c.add_argument("config", nargs="*", metavar="[CONFIG.yaml | DATASET_DIR] [key=value]", help=CONFIG_ARGS_HELP)
     c.set_defaults(func=cmd_data_check)
 
     g = sub.add_parser("config", help="print the resolved config, or every default with its meaning")
-    g.add_argument("config", nargs="*", metavar="[CONFIG.yaml] [key=value]")
+    g.add_argument("config", nargs="*", metavar="[CONFIG.yaml | DATASET_DIR] [key=value]", help=CONFIG_ARGS_HELP)
     g.add_argument("--defaults", action="store_true", help="every key, its default and what it means")
     g.set_defaults(func=cmd_config)
 
     u = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1")
-    u.add_argument("--port", type=int, default=5000)
+    u.add_argument("--port", type=int, default=None,
+                   help=f"port to serve on (default {DEFAULT_UI_PORT}, or a free one if that is taken)")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--tracking-uri", default=None)
     u.add_argument("--experiment", default="raysegtrain")
@@ -228,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _reader_went_away()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

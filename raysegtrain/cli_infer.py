@@ -121,9 +121,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export, register
+    from .export import export, register, require_format_packages
     from .inference import load
 
+    require_format_packages(args.format)  # before the model loads: a missing extra is the first thing to say
     loaded = load(args.model, device="cpu", tracking_uri=args.tracking_uri)
     result = export(loaded, args.format, args.out, opset=args.opset, tolerance=args.tolerance,
                     overwrite=args.overwrite)

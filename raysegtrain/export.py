@@ -137,9 +137,27 @@ def compare(model: torch.nn.Module, run: Callable[[np.ndarray], np.ndarray], sha
     return diffs
 
 
+def require_format_packages(fmt: str) -> None:
+    """ONNX export needs onnx and onnxruntime, which are an optional extra: say which extra before any work."""
+    if fmt != "onnx":
+        return
+    import importlib
+
+    missing = []
+    for module in ("onnx", "onnxruntime"):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise UserError(f"ONNX export needs {' and '.join(missing)}, which are not installed: install the export "
+                        f"extra with pip install 'raysegtrain[export]' (pip install -e '.[export]' in a checkout)")
+
+
 # ---------------------------------------------------------------------------------------------------- command
 def export(loaded: LoadedModel, fmt: Format, out: str | Path, opset: int = DEFAULT_OPSET,
            tolerance: float = DEFAULT_TOLERANCE, overwrite: bool = False) -> ExportResult:
+    require_format_packages(fmt)
     out = Path(out)
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists (pass --overwrite to replace it)")
