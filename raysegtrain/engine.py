@@ -630,6 +630,15 @@ def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
     return path
 
 
+TRAINING_ONLY_KEYS = ("optimizer", "schedule", "scaler")
+
+
+def inference_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint without what only resuming needs (the optimizer state is twice the weights for Adam): what
+    predict, evaluate and export load, at a third of the size."""
+    return {k: v for k, v in state.items() if k not in TRAINING_ONLY_KEYS}
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint file, or DIRECTORY/checkpoint.pt, with `weights_only=True` (safe for untrusted files)."""
     from .errors import UserError

@@ -186,4 +186,14 @@ def log_final_artifacts(uri: str, run_id: str, cfg: Config, history: list[dict],
                     if (d / name).is_file():
                         c.log_artifact(run_id, str(d / name), "plots")
             if cfg.tracking.log_checkpoint:
-                c.log_artifacts(run_id, best_checkpoint, "best_checkpoint")
+                log_checkpoint(c, run_id, best_checkpoint)
+
+
+def log_checkpoint(c, run_id: str, checkpoint_dir: str | Path, artifact_path: str = "best_checkpoint") -> None:
+    """The checkpoint in CHECKPOINT_DIR as an artifact, weights-only: the resumable state (optimizer, schedule)
+    stays in the run's own storage, and MLflow keeps what predict, evaluate and export need."""
+    from .engine import inference_state, load_checkpoint, save_checkpoint
+
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(inference_state(load_checkpoint(checkpoint_dir)), d)
+        c.log_artifacts(run_id, d, artifact_path)

@@ -172,7 +172,7 @@ class StudyTracker(tune.Callback):
         if not (self.client and st.run_id):
             return
         if st.best_checkpoint and Path(st.best_checkpoint).is_dir() and status == "FINISHED":
-            self.client.log_artifacts(st.run_id, st.best_checkpoint, "best_checkpoint")
+            tracking.log_checkpoint(self.client, st.run_id, st.best_checkpoint)
         tags = {"state": st.state}
         if st.best is not None:
             tags[f"best_{self.space.metric}"] = f"{st.best:.6g}"

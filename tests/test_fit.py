@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from raysegtrain import tracking
 from raysegtrain.engine import Hook, load_checkpoint
@@ -63,9 +64,13 @@ def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tin
     assert single["val_iou"] == pytest.approx(logged, abs=1e-6)
     assert result.best_value == pytest.approx(logged, abs=1e-6)
 
-    # the artifact copy in MLflow loads too
+    # the artifact copy in MLflow loads too, weights-only: the resumable state stays in the run's own storage
     local = c.download_artifacts(result.mlflow_run_id, "best_checkpoint", str(tmp_path / "dl"))
-    assert load_checkpoint(local)["epoch"] == state["epoch"]
+    logged_state = load_checkpoint(local)
+    assert logged_state["epoch"] == state["epoch"] and "optimizer" in state and "optimizer" not in logged_state
+    assert all(torch.equal(logged_state["model"][k], v) for k, v in state["model"].items())
+    assert os.path.getsize(Path(local) / "checkpoint.pt") < 0.5 * os.path.getsize(Path(result.best_checkpoint) /
+                                                                                  "checkpoint.pt")
 
 
 class KillOnce(Hook):
