@@ -424,9 +424,7 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
         else:
             searcher = OptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode,
                                     sampler=space.make_sampler(), points_to_evaluate=space.points_to_evaluate or None)
-            a = space.asha
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=space.max_epochs, grace_period=a["grace_period"],
-                                      reduction_factor=a["reduction_factor"])
+            scheduler = ASHAScheduler(**space.asha)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
