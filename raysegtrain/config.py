@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -160,7 +162,7 @@ class ModelConfig(Section):
     def _arch(cls, v: str) -> str:
         key = ARCH_ALIASES.get(v.lower(), v.lower())
         if key not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {v!r}{_suggest(v.lower(), ARCHITECTURES)}")
+            raise ValueError(f"unknown architecture {v!r}{suggest(v.lower(), ARCHITECTURES)}")
         return key
 
     @field_validator("encoder_weights")
@@ -216,7 +218,8 @@ class OptimConfig(Section):
 
 class ScheduleConfig(Section):
     name: Literal["none", "plateau", "cosine", "step", "poly", "onecycle"] = Field(
-        "cosine", description="learning-rate schedule (stepped per epoch; onecycle per step)")
+        "cosine", description="learning-rate schedule, stepped after every optimizer step (so warm-up and cosine are smooth within "
+                    "an epoch); plateau steps after each validation")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from lr*warmup_start_factor (not onecycle)")
     warmup_start_factor: float = Field(0.1, gt=0, le=1, description="lr fraction at the start of warm-up")
     min_lr: float = Field(1e-6, ge=0, description="floor for cosine/poly/plateau")
@@ -255,7 +258,7 @@ class TrainConfig(Section):
     @classmethod
     def _monitor(cls, v: str) -> str:
         if v not in MONITORABLE and not v.startswith("val_iou_") and not v.startswith("val_dice_"):
-            raise ValueError(f"unknown metric {v!r}{_suggest(v, MONITORABLE)}")
+            raise ValueError(f"unknown metric {v!r}{suggest(v, MONITORABLE)}")
         return v
 
     @property
@@ -286,6 +289,12 @@ class ScalingConfig(Section):
 
 
 class RunConfig(Section):
+    preset: Literal["auto", "full", "cpu"] = Field(
+        "auto", description="run size. full: the defaults as they stand (sized for a GPU); cpu: a run of a few "
+                            "minutes on CPU (unet/resnet18, 128² synthetic images and image_size, 96 train / 32 val "
+                            "/ 16 test images, 8 epochs) for each of those keys not set explicitly; auto: cpu when "
+                            "the run will have no GPU and none of those keys nor data.root is set, else full. fit "
+                            "records what it chose (cpu or full) in the config it trains, logs and checkpoints")
     name: Optional[str] = Field(None, description="run name; default fit-<date>-<time>; reused only with --resume")
     storage_path: str = Field("runs", description="checkpoints and Ray results: local folder, NFS path, s3:// or gs://")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure (-1 = unlimited)")
@@ -370,7 +379,7 @@ def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:
     import copy
 
     raw = copy.deepcopy(raw)
-    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+    items = overrides.items() if isinstance(overrides, dict) else [split_override(o) for o in overrides]
     for key, value in items:
         parts = key.split(".")
         node = raw
@@ -385,7 +394,8 @@ def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:
     return raw
 
 
-def _split_override(text: str) -> tuple[str, Any]:
+def split_override(text: str) -> tuple[str, Any]:
+    """`key=value` as (key, parsed value)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value (e.g. optim.lr=3e-4)")
     key, value = text.split("=", 1)
@@ -424,41 +434,101 @@ def load(path: str | Path | None = None, overrides: list[str] | dict | None = No
     return build(raw, overrides, source=str(path) if path else "config")
 
 
-def format_validation_error(e: ValidationError) -> str:
-    """First error only, as `dotted.path: message` with a close-match hint for unknown keys."""
+def format_validation_error(e: ValidationError, root: type[BaseModel] = Config,
+                            misplaced: Mapping[str, str] | None = None) -> str:
+    """First error only, as `dotted.path: message`, with a close-match hint for an unknown key. `root` is the model
+    that was validated (`Config`, or a space file's settings); `misplaced` maps top-level keys that belong somewhere
+    else to where they go, said instead of a close match."""
     err = e.errors()[0]
-    loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[", "tuple["))]
-    # pydantic puts union branch names (e.g. 'int', 'list[...]') into loc; keep only real keys
-    loc = [p for p in loc if not _is_type_tag(p)]
+    # pydantic puts validator and union branch names (e.g. 'function-after[...]', 'int', 'list[...]') into loc
+    loc = [str(p) for p in err["loc"] if not str(p).startswith("function-") and not is_type_tag(str(p))]
     path = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
-        parent = _model_at(Config, loc[:-1])
+        if len(loc) == 1 and misplaced and loc[0] in misplaced:
+            return f"unknown key {path!r}: {misplaced[loc[0]]}"
+        parent = _model_at(root, loc[:-1])
         prefix = ".".join(loc[:-1]) + "." if len(loc) > 1 else ""
-        hint = _suggest(loc[-1], list(parent.model_fields), prefix) if parent else ""
+        hint = suggest(loc[-1], list(parent.model_fields), prefix) if parent else ""
         return f"unknown key {path!r}{hint}"
-    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "missing":
         return f"{path}: required"
-    return f"{path}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{path}: {msg}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{path}: {msg}" if err["type"] == "value_error" else f"{path}: {msg} (got {err.get('input')!r})"
 
 
-def _is_type_tag(p: str) -> bool:
+def is_type_tag(p: str) -> bool:
+    """A union branch name that pydantic puts into an error's loc ('int', 'list[...]'), not a key."""
     return p in ("int", "str", "float", "bool") or p.startswith(("list[", "dict[", "tuple[", "literal["))
 
 
 def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    """The section model at `loc` under `model` (through Optional/Union fields), or None if `loc` is not a section."""
     for key in loc:
-        field = model.model_fields.get(key)
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        ann = getattr(model.model_fields.get(key), "annotation", None)
+        ann = next((a for a in get_args(ann) if is_section(a)), ann)
+        if not is_section(ann):
             return None
         model = ann
     return model
 
 
-def _suggest(word: str, options, prefix: str = "") -> str:
+def suggest(word: str, options, prefix: str = "") -> str:
+    """' (did you mean PREFIX+closest?)', or '' when nothing in `options` is close to `word`."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
     return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+# ------------------------------------------------------------------------------------------------------- key schema
+@lru_cache(maxsize=1)
+def all_config_keys() -> tuple[str, ...]:
+    """Every dotted leaf key of `Config` (data.synthetic.size, model.arch, ...)."""
+    def walk(model: type[BaseModel], prefix: str):
+        for name, f in model.model_fields.items():
+            if is_section(f.annotation):
+                yield from walk(f.annotation, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    return tuple(walk(Config, ""))
+
+
+def is_section(annotation) -> bool:
+    """A field annotation that is a nested model (a config section), not a value."""
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def is_mapping_field(annotation) -> bool:
+    """A dict-valued field (e.g. model.kwargs), whose own keys are free."""
+    return get_origin(annotation) is dict or annotation is dict
+
+
+def check_config_key(key: str, loc: str) -> None:
+    """A dotted key must name a leaf of `Config` (or a key inside a dict-valued field such as model.kwargs)."""
+    model: type[BaseModel] = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        f = model.model_fields.get(part)
+        if f is None:
+            raise ConfigError(f"{loc}: unknown config key {key!r}{close_key(key)}")
+        if is_section(f.annotation):
+            model = f.annotation
+            if i == len(parts) - 1:
+                raise ConfigError(f"{loc}: {key!r} is a config section, not a key; search its keys "
+                                  f"(e.g. {next(k for k in all_config_keys() if k.startswith(key + '.'))!r})")
+            continue
+        if i < len(parts) - 1 and not is_mapping_field(f.annotation):
+            prefix = ".".join(parts[:i + 1])
+            raise ConfigError(f"{loc}: {prefix!r} is a value, not a section (in {key!r})")
+        return
+
+
+def close_key(key: str) -> str:
+    """' (did you mean KEY?)' for the closest dotted key, else one with the same last part; '' when none."""
+    close = difflib.get_close_matches(key, all_config_keys(), n=1, cutoff=0.6)
+    if not close:
+        leaf = key.rsplit(".", 1)[-1]
+        close = [k for k in all_config_keys() if k.rsplit(".", 1)[-1] == leaf][:1]
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def describe_defaults() -> str:
@@ -468,7 +538,7 @@ def describe_defaults() -> str:
     def walk(model: type[BaseModel], prefix: str):
         for name, f in model.model_fields.items():
             ann = f.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
+            if is_section(ann):
                 walk(ann, f"{prefix}{name}.")
                 continue
             default = f.get_default(call_default_factory=True)
