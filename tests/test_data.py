@@ -14,12 +14,12 @@ from PIL import Image
 
 from raysegtrain.config import DataConfig, SyntheticConfig
 from raysegtrain.data import synthetic
-from raysegtrain.data.dataset import (SegmentationDataset, build_dataset, class_weights, has_split, list_split,
-                                      resolve_root, weights_from_counts)
+from raysegtrain.data.dataset import SegmentationDataset, build_dataset
 from raysegtrain.data.io import read_image, read_mask, read_pixels
-from raysegtrain.data.normalize import Normalizer
-from raysegtrain.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_eval_transform, build_train_transform,
-                                         default_augment, mean_std, validate_augment)
+from raysegtrain.data.splits import has_split, list_split, resolve_root
+from raysegtrain.data.statistics import (IMAGENET_MEAN, IMAGENET_STD, Normalizer, class_weights, mean_std,
+                                         weights_from_counts)
+from raysegtrain.data.transforms import build_eval_transform, build_train_transform, default_augment, validate_augment
 from raysegtrain.errors import ConfigError, DataError
 
 TINY = SyntheticConfig(size=32, num_train=4, num_val=2, num_test=1, seed=3)

@@ -16,8 +16,9 @@ from albumentations.pytorch import ToTensorV2
 from raysegtrain.config import DataConfig
 from raysegtrain.data.dataset import build_dataset
 from raysegtrain.data.io import read_image, read_pixels
-from raysegtrain.data.normalize import ConfigNormalizer, Normalizer, input_normalizer, model_input
-from raysegtrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _eval_size_steps
+from raysegtrain.data.statistics import (IMAGENET_MEAN, IMAGENET_STD, ConfigNormalizer, Normalizer, input_normalizer,
+                                         model_input)
+from raysegtrain.data.transforms import _eval_size_steps
 
 GRAY_MEAN, GRAY_STD = (float(np.mean(IMAGENET_MEAN)),), (float(np.mean(IMAGENET_STD)),)
 
@@ -149,6 +150,7 @@ def test_loader_batch_through_to_device_equals_the_old_path(tmp_path, tiny_cfg):
     from raysegtrain.engine import SegmentationTrainer
 
     trainer = SegmentationTrainer(tiny_cfg("train.val_batch_size=3"), device="cpu")
+    trainer.setup()
     batch = next(iter(trainer.val_loader))
     assert batch["image"].dtype == torch.uint8 and batch["mask"].dtype == torch.uint8
     x, y = trainer.to_device(batch)

@@ -15,8 +15,8 @@ import torch
 
 from raysegtrain import config
 from raysegtrain.cli import main
-from raysegtrain.data.dataset import list_split
 from raysegtrain.data.io import read_image, read_mask
+from raysegtrain.data.splits import list_split
 from raysegtrain.engine import train_local
 from raysegtrain.evaluate import evaluate_checkpoint
 from raysegtrain.inference import (InferenceOptions, Predictor, fill_holes, load, postprocess, predict_probs,

@@ -20,9 +20,9 @@ import numpy as np
 
 from ..config import DataConfig
 from ..errors import DataError
-from .dataset import detect_layout, find_file, folder_images, resolve_root, split_name, strip_image_extension
 from .io import (IMAGE_EXTENSIONS, MASK_EXTENSIONS, ChannelsError, MaskValuesError, UnreadableFileError,
                  check_mask_values, decode, decode_mask, to_channels)
+from .splits import detect_layout, find_file, folder_images, resolve_root, split_name, strip_image_extension
 
 MAX_PER_KIND = 20
 KINDS = {  # kind -> what "... and N more" calls it; also the output order

@@ -82,10 +82,11 @@ def read_pixels(path: str | Path, in_channels: int) -> np.ndarray:
     """HxWxC, C = in_channels: uint8 for 8-bit files, float32 in 0..1 for other depths.
 
     This is what the datasets and `predict` feed their transforms: augmentation runs on uint8 (decode plus the
-    default pipeline take about half the time they take on float32), and the batch crosses loader workers, pinned memory and the host-to-device copy at a
-    quarter of float32's bytes; `normalize.Normalizer` divides by 255 on the device. 16-bit and float files (rare)
-    keep their precision as float32 0..1, exactly as `read_image` gives them. An RGB file read into a 1-channel
-    model is converted to gray in 8 bits (cv2 rounds to the nearest level, within 0.5/255 of read_image's value)."""
+    default pipeline take about half the time they take on float32), and the batch crosses loader workers, pinned
+    memory and the host-to-device copy at a quarter of float32's bytes; `statistics.Normalizer` divides by 255 on
+    the device. 16-bit and float files (rare) keep their precision as float32 0..1, exactly as `read_image` gives
+    them. An RGB file read into a 1-channel model is converted to gray in 8 bits (cv2 rounds to the nearest level,
+    within 0.5/255 of read_image's value)."""
     array = decode(path)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * np.uint8(255)

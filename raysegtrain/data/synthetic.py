@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -38,17 +39,21 @@ DEFECT_FREE_FRACTION = 0.15
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 _PNG = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 
+Progress = Callable[[int, int], None]  # (images done, images in all)
+
 
 def class_names(variant: str) -> tuple[str, ...]:
     return CLASS_NAMES if variant == "multiclass" else BINARY_CLASS_NAMES
 
 
 # ------------------------------------------------------------------------------------------------- on-disk dataset
-def generate(out_dir: str | Path, syn: SyntheticConfig, overwrite: bool = False) -> Path:
+def generate(out_dir: str | Path, syn: SyntheticConfig, overwrite: bool = False,
+             progress: Progress | None = None) -> Path:
     """Write the dataset into out_dir (created if needed; must be empty). Returns out_dir.
 
     overwrite=True replaces a folder that generate() itself wrote (it holds `synthetic.json`); any other non-empty
-    folder is refused, so user files are never touched.
+    folder is refused, so user files are never touched. PROGRESS(done, total), if given, is called with 0 before the
+    first image and after each image, in the calling thread; the library itself prints nothing.
     """
     out = Path(out_dir)
     _prepare_empty_folder(out, overwrite)
@@ -62,26 +67,32 @@ def generate(out_dir: str | Path, syn: SyntheticConfig, overwrite: bool = False)
 
     # each image depends only on (seed, split, index), and numpy/OpenCV release the GIL for most of the work:
     # threads give the cores' speed-up (4096 images of 512² in seconds on a many-core GPU host, not minutes)
+    total, done = sum(split_counts(syn).values()), 0
+    if progress is not None:
+        progress(0, total)
     with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
         for split, count in split_counts(syn).items():
             if count == 0:  # no file rather than an empty one: the test split is optional
                 continue
             stems = [stem(split, j, count) for j in range(count)]
-            list(pool.map(write, [split] * count, range(count), stems))  # list(): re-raises a worker's error
+            for _ in pool.map(write, [split] * count, range(count), stems):  # re-raises a worker's error
+                done += 1
+                if progress is not None:
+                    progress(done, total)
             (out / "splits" / f"{split}.txt").write_text("".join(f"{s}\n" for s in stems))
     meta = {**syn.model_dump(), "class_names": list(class_names(syn.variant))}
     (out / MARKER).write_text(json.dumps(meta, indent=1) + "\n")
     return out
 
 
-def cached_root(syn: SyntheticConfig) -> Path:
-    """The dataset's folder in the cache, generated on first use.
+def cached_root(syn: SyntheticConfig, progress: Progress | None = None) -> Path:
+    """The dataset's folder in the cache, generated on first use (PROGRESS as in `generate`, called only then).
 
     Generation goes into a temporary sibling that is renamed into place, so the final folder is complete whenever it
     exists; when several processes race, the first rename wins and the others discard their copies.
     """
-    base = cache_dir() / "synthetic"
-    final = base / f"{syn.variant}-{syn.size}-{syn.num_train}-{syn.num_val}-{syn.num_test}-s{syn.seed}"
+    final = cache_path(syn)
+    base = final.parent
     if final.is_dir():
         return final
     try:
@@ -91,7 +102,7 @@ def cached_root(syn: SyntheticConfig) -> Path:
         raise DataError(f"cannot create the dataset cache in {base} ({e.strerror}); set RAYSEGTRAIN_CACHE "
                         f"to a writable folder") from None
     try:
-        generate(tmp, syn)
+        generate(tmp, syn, progress=progress)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -100,6 +111,12 @@ def cached_root(syn: SyntheticConfig) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def cache_path(syn: SyntheticConfig) -> Path:
+    """Where `cached_root` keeps the dataset of SYN (it exists once generated)."""
+    name = f"{syn.variant}-{syn.size}-{syn.num_train}-{syn.num_val}-{syn.num_test}-s{syn.seed}"
+    return cache_dir() / "synthetic" / name
 
 
 def cache_dir() -> Path:

@@ -3,8 +3,8 @@
 Images enter as io.read_pixels gives them: HxWxC uint8 for 8-bit files, float32 in 0..1 for other depths, and every
 transform keeps that type (Albumentations 2 takes limits such as GaussNoise's std_range or brightness on the 0..1
 scale for both, so one pipeline means the same on either). The pipeline ends with ToTensorV2: a CxHxW tensor of
-the same type, which the engine normalises on the device (see normalize.py) after copying a quarter of the bytes
-float32 would take. Masks enter as integer class ids (uint8 when the class set fits, else int32) and are always
+the same type, which the engine normalises on the device (statistics.Normalizer) after copying a quarter of the
+bytes float32 would take. Masks enter as integer class ids (uint8 when the class set fits, else int32) and are always
 resampled with nearest neighbour: every pipeline is a Compose with mask_interpolation=INTER_NEAREST, which overrides
 whatever a user-listed transform asks for.
 
@@ -17,7 +17,6 @@ the border (image and mask alike), so they never invent unlabeled pixels.
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any
 
 import albumentations as A
@@ -29,10 +28,7 @@ from pydantic import ValidationError
 from ..config import DataConfig
 from ..errors import ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SIZE_DIVISOR = 32  # smp encoders downsample 5 times
-STATS_MAX_IMAGES = 512  # dataset mean/std: at most this many train images, evenly spaced
 
 
 # ------------------------------------------------------------------------------------------------------ pipelines
@@ -197,55 +193,3 @@ def _try_on_sample(cls: type, args: dict, label: str, in_channels: int, size_hw:
             A.Compose([forced], mask_interpolation=cv2.INTER_NEAREST)(image=image, mask=mask)
         except Exception as e:  # any failure here is the user's transform failing on data like theirs
             raise ConfigError(f"{label}: fails on a {in_channels}-channel {kind} image: {_one_line(e)}") from None
-
-
-# ------------------------------------------------------------------------------------------------ normalisation
-_STATS_CACHE: dict[tuple, tuple[tuple[float, ...], tuple[float, ...]]] = {}
-
-
-def mean_std(cfg: DataConfig, root: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel (mean, std) on the 0..1 scale (a `normalize.Normalizer` applies them). Explicit cfg.mean /
-    cfg.std win over `normalize`."""
-    mean = std = None
-    if cfg.mean is None or cfg.std is None:
-        mean, std = _policy_stats(cfg, Path(root))
-    return (tuple(cfg.mean) if cfg.mean is not None else mean, tuple(cfg.std) if cfg.std is not None else std)
-
-
-def _policy_stats(cfg: DataConfig, root: Path):
-    c = cfg.in_channels
-    if cfg.normalize == "none":
-        return (0.0,) * c, (1.0,) * c
-    if cfg.normalize == "imagenet":
-        if c == 3:
-            return IMAGENET_MEAN, IMAGENET_STD
-        return (float(np.mean(IMAGENET_MEAN)),) * c, (float(np.mean(IMAGENET_STD)),) * c
-    return dataset_stats(cfg, root)
-
-
-def dataset_stats(cfg: DataConfig, root: Path):
-    """Mean/std over (at most STATS_MAX_IMAGES evenly spaced) train images, streamed; cached per process."""
-    from .dataset import list_split
-    from .io import read_image
-
-    key = (str(Path(root).resolve()), cfg.layout, cfg.images_dir, cfg.split_dir, cfg.train_split, cfg.in_channels)
-    if key not in _STATS_CACHE:
-        pairs = evenly_spaced(list_split(cfg, "train", root), STATS_MAX_IMAGES)
-        total = np.zeros(cfg.in_channels)
-        squares = np.zeros(cfg.in_channels)
-        count = 0
-        for image_path, _ in pairs:
-            pixels = read_image(image_path, cfg.in_channels).reshape(-1, cfg.in_channels).astype(np.float64)
-            total += pixels.sum(0)
-            squares += (pixels * pixels).sum(0)
-            count += len(pixels)
-        mean = total / count
-        std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
-        _STATS_CACHE[key] = (tuple(float(m) for m in mean), tuple(float(max(s, 1e-3)) for s in std))
-    return _STATS_CACHE[key]
-
-
-def evenly_spaced(items: list, limit: int) -> list:
-    if len(items) <= limit:
-        return items
-    return [items[int(i * len(items) / limit)] for i in range(limit)]
