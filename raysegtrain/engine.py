@@ -1,153 +1,54 @@
 """The shared segmentation loop: data → model → loss → optimizer → metrics → checkpoint.
 
 `SegmentationTrainer` knows nothing of Ray, Tune, MLflow or the CLI. Hyperparameters come from the typed config and
-are plain attributes; each stage is a small method a subclass may override (nnU-Net's style). Reporting,
-checkpointing and tracking attach as `Hook`s (Detectron2's style). Distribution is torch's own: when a process group
-is initialised the trainer shards data by rank and all-reduces validation statistics; the caller may pass
-`wrap_model` (e.g. Ray's `prepare_model`) to wrap the model in DDP.
+are plain attributes; each stage is a small method a subclass may override (nnU-Net's style). Construction is
+cheap: `setup` builds, and `fit` calls it when it has not run, so attributes set in between count. Timing, best-metric
+tracking, early stopping, reporting and checkpointing attach as `Hook`s (Detectron2's style; hooks.py). Distribution
+is torch's own: when a process group is initialised the trainer shards data by rank and all-reduces validation
+statistics; the caller may pass `wrap_model` (e.g. Ray's `prepare_model`) to wrap the model in DDP.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
+from . import validation
+from .checkpoint import load_checkpoint
 from .config import Config
-from .data.normalize import Normalizer, input_normalizer, model_input
+from .data.loading import SeededSampler, ShardSampler, iterate, seed_loader_worker
+from .data.statistics import Normalizer, input_normalizer, model_input, uses_dataset_stats
 from .errors import TrainingError
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-# ---------------------------------------------------------------------------------------------------------- hooks
-@dataclass
-class StepInfo:
-    epoch: int  # 0-based epoch in progress
-    step: int  # 1-based batch index within the epoch
-    steps: int  # batches in this epoch
-    loss: torch.Tensor  # this batch's loss, still on the device (read it with .item() only when needed)
-    images: int  # images this step, all ranks together
-    lr: float
+from .hooks import (BestMetricHook, EpochTimingHook, Hook, LocalCheckpointHook, StartupTimingHook, StepInfo,
+                    StopTraining)
+from .runtime import (Stopwatch, all_reduce_mean, autocast, default_device, rank_and_world, resolve_amp,
+                      seed_everything, usable_cpus)
 
 
-class Hook:
-    """Behaviour attached to the loop. Every method runs on every rank; check `trainer.is_main` where it matters."""
-
-    trainer: "SegmentationTrainer"
-
-    def before_train(self) -> None: ...
-
-    def before_epoch(self) -> None: ...
-
-    def after_step(self, info: StepInfo) -> None: ...
-
-    def after_epoch(self, metrics: dict[str, float]) -> None:
-        """Called once per epoch after validation (when it ran) with everything reported for that epoch."""
-
-    def after_train(self) -> None: ...
-
-
-class StopTraining(Exception):
-    """A hook may raise this to end training cleanly after the current epoch."""
-
-
-# ---------------------------------------------------------------------------------------------------- distributed
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class ShardSampler(Sampler[int]):
-    """Every index exactly once across ranks (rank r takes r, r+W, ...): no padding, so distributed validation
-    statistics equal single-process ones."""
-
-    def __init__(self, length: int, rank: int, world: int):
-        self.indices = list(range(rank, length, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class SeededSampler(Sampler):
-    """Yields (index, seed) with seed = f(run seed, epoch, index): a dataset that accepts such keys seeds its
-    augmentation per sample, so what an image gets depends on nothing else (not on the loader worker that draws it,
-    nor on how long the workers have lived): persistent workers and an exact resume both hold."""
-
-    def __init__(self, sampler: DistributedSampler, seed: int):
-        self.sampler, self.seed, self.epoch = sampler, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        for i in self.sampler:
-            yield i, int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-def _seed_loader_worker(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    np.random.seed(info.seed % 2**32)
-    random.seed(info.seed)
-
-
-def iterate(loader: DataLoader):
-    """iter(LOADER), with any worker processes it starts forked while OpenCV is single-threaded. OpenCV sizes its
-    thread pool to the whole machine in every worker (16 workers x 64 threads on a 64-core host fight over the
-    cores), and a forked worker must not resize the pool itself (it hangs), so the parent sets it around the fork.
-    One loader worker is then one core, as torch's own threads already are in a worker."""
-    if loader.num_workers == 0:
-        return iter(loader)
-    import cv2
-
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        return iter(loader)
-    finally:
-        cv2.setNumThreads(threads)
-
-
-# --------------------------------------------------------------------------------------------------------- trainer
 class SegmentationTrainer:
     def __init__(self, cfg: Config, hooks: Sequence[Hook] = (), *, device: torch.device | str | None = None,
                  wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 resume_state: dict | None = None, datasets: Callable[[Config], tuple] | None = None,
-                 t0: float | None = None):
+                 resume_state: dict | None = None, datasets: Callable[[Config], tuple] | None = None):
         self.cfg = cfg
         self._datasets_fn = datasets  # (cfg) -> (train, val): a custom source instead of the configured folders
-        self._t0 = t0 if t0 is not None else time.time()  # when the command started: for the first-step latency
-        self._created = time.time()  # start-up, split: t0 -> here (launching this process) -> setup -> first batch
-        self._first_step_s: float | None = None
-        self.submitted: float | None = None  # when the caller handed the job to its launcher (e.g. Ray), if it did
-        self.driver_stages: dict[str, float] = {}  # the caller's preparation, split (seconds a stage; sums to it)
+        self._resume_state = resume_state  # applied by setup
+        self._loader_gen = torch.Generator()  # the loaders' worker seeds (set per epoch for training)
         self._pending_batches: tuple | None = None  # (epoch, train iterator started ahead of that epoch)
         self.rank, self.world_size = rank_and_world()
         self.is_main = self.rank == 0
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = torch.device(device) if device is not None else default_device()
         self._wrap_model = wrap_model or (lambda m: m)
-        self.hooks: list[Hook] = []
-        for h in hooks:
-            self.register(h)
+        self.built: str | None = None  # "training" once setup() ran, "validation" once setup_validation() did
+        self.encoder_frozen: bool | None = None  # None: the model is not built (and wrapped) yet
 
         # hyperparameters as plain attributes (override in a subclass or set before `fit`)
         t = cfg.train
@@ -169,7 +70,8 @@ class SegmentationTrainer:
         # docs/benchmarks.md, `--only ...,variants` of scripts/benchmark.py measures it again)
         self.copy_on_side_stream = self.device.type == "cuda" and self.world_size == 1
 
-        # state that a checkpoint carries
+        # state that a checkpoint carries (BestMetricHook keeps best_value, best_epoch, bad_epochs and may set
+        # stop_reason)
         self.epoch = 0  # epochs completed
         self.best_value: float | None = None
         self.best_epoch: int | None = None
@@ -177,12 +79,16 @@ class SegmentationTrainer:
         self.history: list[dict[str, float]] = []
         self.stop_reason: str | None = None
 
-        if resume_state is not None:
-            self.epoch = int(resume_state["epoch"])  # known before setup: the loader starts on that epoch
-        self.setup()
-        if resume_state is not None:
-            self.load_state_dict(resume_state)
-        self._set_up = time.time()
+        self.hooks: list[Hook] = []
+        for h in [*self.default_hooks(hooks), *hooks]:
+            self.register(h)
+
+    def default_hooks(self, given: Sequence[Hook]) -> list[Hook]:
+        """The standard figures and best-metric tracking, installed ahead of the caller's hooks so that theirs see
+        them. A `StartupTimingHook` among the GIVEN hooks (one that knows when the command started) stands in for
+        the default one."""
+        startup = [] if any(isinstance(h, StartupTimingHook) for h in given) else [StartupTimingHook()]
+        return [EpochTimingHook(), *startup, BestMetricHook()]
 
     def register(self, hook: Hook) -> None:
         hook.trainer = self
@@ -190,20 +96,22 @@ class SegmentationTrainer:
 
     # ------------------------------------------------------------------------------------------------ building
     def setup(self) -> None:
+        """Build everything training needs, then apply the resume state given to the constructor."""
         mark = Stopwatch()
         seed_everything(self.seed, deterministic=self.cfg.train.deterministic)
         self.train_set, self.val_set = self.build_datasets()
         mark("datasets")
         self.normalizer = input_normalizer(self.train_set, self.cfg.data)  # uint8 batches -> model input, on device
         mark("normalizer")
-        self.train_loader, self.val_loader = self.build_loaders()
+        self.train_loader, self.val_loader = self.build_train_loader(), self.build_val_loader()
+        if self._resume_state is not None:
+            self.epoch = int(self._resume_state["epoch"])  # before the prefetch: the loader starts on that epoch
         if self.epoch < self.epochs:
             # loader workers fork now, before CUDA and the model exist, and decode the first batches meanwhile
             self._prefetch_train_batches(self.epoch)
         mark("loader_start")
         self.model = self.build_model()
         mark("model")
-        self.encoder_frozen = False
         self.optimizer = self.build_optimizer()
         self.steps_per_epoch = self.batches_per_epoch()
         self.schedule = self.build_schedule()
@@ -211,17 +119,43 @@ class SegmentationTrainer:
         self.loss_fn = self.build_loss().to(self.device)
         self.meter = self.build_meter()
         mark("optimizer_loss_metrics")
+        self.encoder_frozen = None  # a new model: wrap it whatever it is set to
         self.set_encoder_frozen(self.cfg.model.freeze_encoder_epochs > 0)
         mark("wrap")
         self.setup_times = mark.laps  # seconds per setup stage, for start-up diagnosis (scripts/benchmark.py)
+        if self._resume_state is not None:
+            self.load_state_dict(self._resume_state)
+            self._resume_state = None  # applied; it holds a copy of the weights and optimizer state
+        self.built = "training"
+
+    def setup_validation(self) -> None:
+        """Only what validation needs, to score a trained model (`evaluate`): the validation set and loader, model,
+        loss and meter; no training set, optimizer or schedule."""
+        seed_everything(self.seed, deterministic=self.cfg.train.deterministic)
+        self.val_set = self.build_val_set()
+        self.normalizer = input_normalizer(self.val_set, self.cfg.data)
+        self.val_loader = self.build_val_loader()
+        self.model = self.build_model()
+        self.loss_fn = self.build_loss().to(self.device)
+        self.meter = self.build_meter()
+        self.encoder_frozen = None
+        self.set_encoder_frozen(False)
+        self.built = "validation"
 
     def build_datasets(self):
+        """(train, val): the `datasets` source given to the constructor, else the configured folders."""
         if self._datasets_fn is not None:
             return self._datasets_fn(self.cfg)
         from .data.dataset import build_dataset
 
-        return build_dataset(self.cfg.data, self.cfg.data.train_split, train=True), \
-            build_dataset(self.cfg.data, self.cfg.data.val_split, train=False)
+        return build_dataset(self.cfg.data, self.cfg.data.train_split, train=True), self.build_val_set()
+
+    def build_val_set(self):
+        if self._datasets_fn is not None:
+            return self._datasets_fn(self.cfg)[1]
+        from .data.dataset import build_dataset
+
+        return build_dataset(self.cfg.data, self.cfg.data.val_split, train=False)
 
     def loader_workers(self) -> int:
         w = self.cfg.data.loader_workers
@@ -232,24 +166,27 @@ class SegmentationTrainer:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
         return max(2, min(16, usable_cpus() // max(1, local) - 1))
 
-    def build_loaders(self) -> tuple[DataLoader, DataLoader]:
+    def _loader_options(self) -> dict[str, Any]:
         workers = self.loader_workers()
-        self._loader_gen = torch.Generator()
+        return dict(num_workers=workers, pin_memory=self.device.type == "cuda",
+                    worker_init_fn=seed_loader_worker if workers else None, persistent_workers=workers > 0,
+                    prefetch_factor=4 if workers else None, generator=self._loader_gen)
+
+    def build_train_loader(self) -> DataLoader:
         drop_last = len(self.train_set) >= self.batch_size * self.world_size * 2
         self.train_sampler = DistributedSampler(self.train_set, num_replicas=self.world_size, rank=self.rank,
                                                 shuffle=True, seed=self.seed, drop_last=drop_last)
         if getattr(self.train_set, "accepts_seeded_index", False):
             self.train_sampler = SeededSampler(self.train_sampler, self.seed)
-        common = dict(num_workers=workers, pin_memory=self.device.type == "cuda",
-                      worker_init_fn=_seed_loader_worker if workers else None, persistent_workers=workers > 0,
-                      prefetch_factor=4 if workers else None, generator=self._loader_gen)
-        train = DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.train_sampler,
-                           drop_last=drop_last, **common)
-        val = DataLoader(self.val_set, batch_size=self.cfg.train.val_batch_size or self.batch_size,
-                         sampler=ShardSampler(len(self.val_set), self.rank, self.world_size), **common)
-        return train, val
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.train_sampler,
+                          drop_last=drop_last, **self._loader_options())
+
+    def build_val_loader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.cfg.train.val_batch_size or self.batch_size,
+                          sampler=ShardSampler(len(self.val_set), self.rank, self.world_size), **self._loader_options())
 
     def batches_per_epoch(self) -> int:
+        """Optimizer steps per epoch."""
         n = len(self.train_loader)
         cap = self.cfg.train.max_steps_per_epoch
         n = min(n, cap * self.grad_accum) if cap else n
@@ -282,10 +219,13 @@ class SegmentationTrainer:
     def build_schedule(self):
         from .schedules import LRSchedule
 
-        return LRSchedule(self.optimizer, self.cfg, self.steps_per_epoch)
+        cfg = self.cfg  # the schedule spans `self.epochs`, which may have been set after construction
+        if self.epochs != cfg.train.epochs:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": self.epochs})})
+        return LRSchedule(self.optimizer, cfg, self.steps_per_epoch)
 
     def build_loss(self) -> torch.nn.Module:
-        from .data.dataset import class_weights
+        from .data.statistics import class_weights
         from .losses import build_loss
 
         return build_loss(self.cfg, class_weights(self.cfg.data))
@@ -303,14 +243,16 @@ class SegmentationTrainer:
         (re)wrapped after every change."""
         from .model import set_encoder_trainable
 
-        if frozen != self.encoder_frozen or not hasattr(self, "_wrapped"):
+        if frozen != self.encoder_frozen:
             set_encoder_trainable(self.module, not frozen)
             self.encoder_frozen = frozen
             self.model = self._wrap_model(self.module)
-            self._wrapped = True
 
     # ------------------------------------------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
+        """Train from `epoch` to `epochs` (fewer if early stopping or a hook ends the run); returns `summary()`."""
+        if self.built != "training":
+            self.setup()
         self._call("before_train")
         try:
             while self.epoch < self.epochs and self.stop_reason is None:
@@ -319,89 +261,112 @@ class SegmentationTrainer:
                 metrics = self.train_epoch()
                 if (self.epoch + 1) % self.cfg.train.val_every == 0 or self.epoch + 1 == self.epochs:
                     metrics.update(self.validate())
-                self.epoch += 1
-                metrics["epoch"] = self.epoch
-                self.update_best(metrics)
-                metrics.update(self.best_metrics())
-                self.history.append(metrics)
-                try:
-                    self._call("after_epoch", metrics)
-                except StopTraining as stop:
-                    self.stop_reason = str(stop) or "stopped by a hook"
-            if self.stop_reason is None:
-                self.stop_reason = "completed"
+                    self.schedule.step_epoch(metrics.get(self.monitor))  # plateau: once per validation
+                self.end_epoch(metrics)
+            self.stop_reason = self.stop_reason or "completed"
         finally:
             self._call("after_train")
         return self.summary()
 
     def train_epoch(self) -> dict[str, float]:
-        self.model.train()
-        if self.encoder_frozen:
-            self._encoder_eval()
-        torch.manual_seed(self._epoch_seed(self.epoch))  # dropout etc.: depends only on (seed, epoch, rank)
-        max_batches = min(self.steps_per_epoch * self.grad_accum, len(self.train_loader))
-        batches_iter = self.device_batches(islice(self._train_batches(self.epoch), max_batches))
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-
+        """One pass over this epoch's training batches: the loss (mean over batches and ranks) and the lr."""
+        self.train_mode()
+        steps = self.batches_this_epoch()
+        batches = self.device_batches(islice(self._train_batches(self.epoch), steps))
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
-        batches = images = 0
-        waited = 0.0  # seconds the loop stood waiting for the loader: the input pipeline's share of the epoch
-        start = time.perf_counter()
+        finite = FiniteLossCheck(self.device, self.nan_check_every, self.epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        for i in range(max_batches):
-            t = time.perf_counter()
-            pair = next(batches_iter, None)
-            waited += time.perf_counter() - t
-            if pair is None:
-                break
-            x, y = pair
-            if self._first_step_s is None:
-                self._first_step_s = time.time() - self._t0
-            stepping = (i + 1) % self.grad_accum == 0 or i + 1 == max_batches
-            sync = nullcontext() if stepping or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
-                loss = self.training_step(x, y)
-                self.scaler.scale(loss / self.grad_accum).backward()
-            if stepping:
-                self.optimizer_step()
-            loss = loss.detach()
+        step = 0
+        for step, (x, y), waited, ready in timed_steps(batches):
+            loss = self.accumulate(x, y, stepping=step % self.grad_accum == 0 or step == steps)
             loss_sum += loss
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), i + 1, first_bad)
-            batches += 1
-            images += x.shape[0] * self.world_size
-            if batches % self.nan_check_every == 0:
-                self._raise_if_bad(first_bad)
-            self._call("after_step", StepInfo(self.epoch, batches, max_batches, loss, x.shape[0] * self.world_size,
-                                              self.current_lr()))
+            finite.check(loss, step)
+            self._call("after_step", StepInfo(self.epoch, step, steps, loss, x.shape[0] * self.world_size,
+                                              self.current_lr(), waited, ready))
         if self.epoch + 1 < self.epochs:
             self._prefetch_train_batches(self.epoch + 1)  # the loader works through validation and reporting
-        self._raise_if_bad(first_bad)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
-        train_loss = self._all_reduce_mean(loss_sum, batches)
-        out = {"train_loss": train_loss, "lr": self.current_lr(), "epoch_time_s": elapsed,
-               "images_per_s": images / elapsed if elapsed > 0 else float("nan"),
-               "data_wait_share": waited / elapsed if elapsed > 0 else float("nan")}
-        if self.device.type == "cuda":
-            out["peak_gpu_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self._first_step_s is not None and not self.history:  # the first epoch this process ran
-            out.update(self.startup_times())
-        return out
+        finite.raise_if_bad()
+        return {"train_loss": all_reduce_mean(loss_sum, step), "lr": self.current_lr()}
 
-    def startup_times(self) -> dict[str, float]:
-        """Seconds from the command to the first training step, and its parts: launching the process that runs
-        this trainer (Ray, imports), building data/model/optimizer, and the first batch from the loader."""
-        first = self._t0 + self._first_step_s
-        out = {"first_step_s": self._first_step_s, "startup_launch_s": self._created - self._t0,
-               "startup_setup_s": self._set_up - self._created, "startup_first_batch_s": first - self._set_up}
-        if self.submitted is not None:  # launch = the caller's own preparation + starting this process
-            out.update(startup_driver_s=self.submitted - self._t0, startup_workers_s=self._created - self.submitted)
-            out.update({f"startup_driver_{stage}_s": s for stage, s in self.driver_stages.items()})
-        return out
+    def end_epoch(self, metrics: dict[str, float]) -> None:
+        """Count the epoch, keep its metrics and hand them to the hooks, which add their figures; one may end the
+        run."""
+        self.epoch += 1
+        metrics["epoch"] = self.epoch
+        self.history.append(metrics)
+        try:
+            self._call("after_epoch", metrics)
+        except StopTraining as stop:
+            self.stop_reason = str(stop) or "stopped by a hook"
 
+    def train_mode(self) -> None:
+        """The model in training mode, a frozen encoder in eval (its BatchNorm keeps its running statistics), and
+        torch's seed for dropout and the like, which depends only on (seed, epoch, rank)."""
+        self.model.train()
+        encoder = getattr(self.module, "encoder", None)
+        if self.encoder_frozen and encoder is not None:
+            encoder.eval()
+        torch.manual_seed(self._epoch_seed(self.epoch))
+
+    def batches_this_epoch(self) -> int:
+        return min(self.steps_per_epoch * self.grad_accum, len(self.train_loader))
+
+    def accumulate(self, x: torch.Tensor, y: torch.Tensor, stepping: bool) -> torch.Tensor:
+        """Forward and backward of one batch, its gradient a 1/grad_accum share; the optimizer steps when STEPPING.
+        Under DDP, gradients are all-reduced on stepping batches only. Returns the batch's loss, detached."""
+        sync = nullcontext() if stepping or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            loss = self.training_step(x, y)
+            self.scaler.scale(loss / self.grad_accum).backward()
+        if stepping:
+            self.optimizer_step()
+        return loss.detach()
+
+    def training_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.model(x)
+        loss, _ = self.loss_fn(logits.float(), y)
+        return loss
+
+    def optimizer_step(self) -> None:
+        if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step_batch()
+
+    def validate(self) -> dict[str, float]:
+        """Loss and metrics on the validation split, all ranks together (validation.validate). With nothing built
+        yet, builds only what validation needs."""
+        if self.built is None:
+            self.setup_validation()
+        return validation.validate(self.model, self.device_batches(iterate(self.val_loader)), self.loss_fn,
+                                   self.meter, self.device, self.amp_dtype)
+
+    @torch.no_grad()
+    def visual_samples(self, n: int) -> dict[str, np.ndarray]:
+        """The first N validation images with masks and predictions, plus the split's confusion matrix (from the
+        last `validate`), for the figures a tracker draws."""
+        from .plots import to_display
+
+        self.model.eval()
+        images, masks, preds = [], [], []
+        for i in range(min(n, len(self.val_set))):
+            item = self.val_set[i]
+            x = model_input(item["image"].unsqueeze(0).to(self.device), self.normalizer)
+            with self.autocast():
+                logits = self.model(x).float()
+            preds.append(self.meter.predict(logits)[0].cpu().numpy())
+            images.append(to_display(item["image"].unsqueeze(0).numpy())[0])  # uint8 as is; float stretched
+            masks.append(item["mask"].long().numpy())
+        return {"images": np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8),
+                "masks": np.stack(masks) if masks else np.zeros((0, 1, 1), np.int64),
+                "preds": np.stack(preds) if preds else np.zeros((0, 1, 1), np.int64),
+                "confusion": self.meter.confusion_matrix()}
+
+    # ---------------------------------------------------------------------------------------------- batches
     def _epoch_seed(self, epoch: int) -> int:
         return self.seed * 100_003 + epoch * 1009 + self.rank
 
@@ -426,63 +391,6 @@ class SegmentationTrainer:
             return
         self._pending_batches = (epoch, self._start_train_batches(epoch))
 
-    def training_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            logits = self.model(x)
-        loss, _ = self.loss_fn(logits.float(), y)
-        return loss
-
-    def optimizer_step(self) -> None:
-        if self.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step_batch()
-
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        self.model.eval()
-        self.meter.reset()
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        count = 0
-        for x, y in self.device_batches(iterate(self.val_loader)):
-            with self.autocast():
-                logits = self.model(x)
-            logits = logits.float()
-            loss, _ = self.loss_fn(logits, y)
-            loss_sum += loss.double() * x.shape[0]
-            count += x.shape[0]
-            self.meter.update(logits, y)
-        self.meter.all_reduce()
-        metrics = {"val_loss": self._all_reduce_mean(loss_sum, count)}
-        metrics.update(self.meter.compute())
-        self.schedule.step_epoch(metrics.get(self.monitor))
-        return metrics
-
-    @torch.no_grad()
-    def visual_samples(self, n: int) -> dict[str, np.ndarray]:
-        """The first N validation images with masks and predictions, plus the split's confusion matrix (from the
-        last `validate`), for the figures a tracker draws."""
-        from .plots import to_display
-
-        self.model.eval()
-        images, masks, preds = [], [], []
-        for i in range(min(n, len(self.val_set))):
-            item = self.val_set[i]
-            x = model_input(item["image"].unsqueeze(0).to(self.device), self.normalizer)
-            with self.autocast():
-                logits = self.model(x).float()
-            preds.append(self.meter.predict(logits)[0].cpu().numpy())
-            images.append(to_display(item["image"].unsqueeze(0).numpy())[0])  # uint8 as is; float stretched
-            masks.append(item["mask"].long().numpy())
-        return {"images": np.stack(images) if images else np.zeros((0, 1, 1, 3), np.uint8),
-                "masks": np.stack(masks) if masks else np.zeros((0, 1, 1), np.int64),
-                "preds": np.stack(preds) if preds else np.zeros((0, 1, 1), np.int64),
-                "confusion": self.meter.confusion_matrix()}
-
-    # ------------------------------------------------------------------------------------------------- helpers
     def device_batches(self, batches: Iterable[dict]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(model input, mask) pairs on the device. With `copy_on_side_stream`, batch i+1 is copied and normalised on
         a side stream while step i computes (on the compute stream the copy waits for the step and the step for the
@@ -517,70 +425,23 @@ class SegmentationTrainer:
             x = x.contiguous(memory_format=torch.channels_last)  # on uint8: the cheap place for the reorder
         return model_input(x, self.normalizer), y
 
+    # ------------------------------------------------------------------------------------------------- helpers
     def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[-1]["lr"])
-
-    def _encoder_eval(self) -> None:
-        encoder = getattr(self.module, "encoder", None)
-        if encoder is not None:
-            encoder.eval()  # frozen BatchNorm keeps its running statistics
-
-    def _all_reduce_mean(self, total: torch.Tensor, count: int) -> float:
-        t = torch.stack([total.double(), torch.tensor(float(count), device=total.device, dtype=torch.float64)])
-        if self.world_size > 1:
-            dist.all_reduce(t)
-        return float(t[0] / t[1]) if t[1] > 0 else float("nan")
-
-    def _raise_if_bad(self, first_bad: torch.Tensor) -> None:
-        step = int(first_bad)
-        if step >= 0:
-            raise TrainingError(f"non-finite loss at epoch {self.epoch + 1}, step {step} (lower optim.lr, set "
-                                f"train.grad_clip, or train.amp=off)")
 
     def _call(self, name: str, *args) -> None:
         for h in self.hooks:
             getattr(h, name)(*args)
 
-    # ----------------------------------------------------------------------------------------- best / stopping
-    def is_improvement(self, value: float | None) -> bool:
-        if value is None or not math.isfinite(value):
-            return False
-        if self.best_value is None:
-            return True
-        if self.monitor_mode == "max":
-            return value > self.best_value + self.min_delta
-        return value < self.best_value - self.min_delta
-
-    def update_best(self, metrics: dict[str, float]) -> None:
-        """Track the monitored metric; sets `stop_reason` when early stopping triggers."""
-        if self.monitor not in metrics:
-            return  # no validation this epoch
-        value = metrics[self.monitor]
-        metrics["is_best"] = float(self.is_improvement(value))
-        if metrics["is_best"]:
-            self.best_value, self.best_epoch, self.bad_epochs = float(value), self.epoch, 0
-            return
-        self.bad_epochs += 1
-        if self.patience is not None and self.bad_epochs >= max(self.patience, 0) and self.epoch < self.epochs:
-            self.stop_reason = (f"early stopping: {self.monitor} did not improve for {self.bad_epochs} "
-                                f"epoch(s) (best {self.best_value} at epoch {self.best_epoch})")
-
-    def best_metrics(self) -> dict[str, float]:
-        if self.best_value is None:
-            return {}
-        return {f"best_{self.monitor}": self.best_value, "best_epoch": float(self.best_epoch)}
-
+    # ------------------------------------------------------------------------------------------------ state
     def summary(self) -> dict[str, Any]:
         return {"epochs": self.epoch, "best_value": self.best_value, "best_epoch": self.best_epoch,
                 "monitor": self.monitor, "stop_reason": self.stop_reason,
                 "last": self.history[-1] if self.history else {}}
 
-    # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
             "format": 1,
@@ -601,7 +462,7 @@ class SegmentationTrainer:
         """The config as trained, for checkpoints: `normalize: dataset` statistics are written in as data.mean/std,
         so that predict, evaluate and export of a checkpoint need no copy of the training set."""
         d, norm = self.cfg.data, self.normalizer
-        if d.normalize != "dataset" or (d.mean is not None and d.std is not None) or not isinstance(norm, Normalizer):
+        if not uses_dataset_stats(d) or not isinstance(norm, Normalizer):
             return self.cfg
         return self.cfg.model_copy(update={"data": d.model_copy(update={"mean": list(norm.mean), "std": list(norm.std)})})
 
@@ -618,107 +479,38 @@ class SegmentationTrainer:
         self.history = list(state.get("history", []))
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
-    """Write `state` to DIRECTORY/checkpoint.pt atomically (tmp file, then rename)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CHECKPOINT_FILE
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-TRAINING_ONLY_KEYS = ("optimizer", "schedule", "scaler")
-
-
-def inference_state(state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint without what only resuming needs (the optimizer state is twice the weights for Adam): what
-    predict, evaluate and export load, at a third of the size."""
-    return {k: v for k, v in state.items() if k not in TRAINING_ONLY_KEYS}
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file, or DIRECTORY/checkpoint.pt, with `weights_only=True` (safe for untrusted files)."""
-    from .errors import UserError
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / CHECKPOINT_FILE
-    if not p.is_file():
-        raise UserError(f"checkpoint not found: {p}")
-    try:
-        state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
-        raise UserError(f"cannot load checkpoint {p}: {str(e).splitlines()[0]}") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise UserError(f"{p} is not a raysegtrain checkpoint (no 'model' entry)")
-    return state
-
-
-class LocalCheckpointHook(Hook):
-    """Checkpoints for in-process training: DIRECTORY/last and DIRECTORY/best (by the monitored metric)."""
-
-    def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-
-    def after_epoch(self, metrics: dict[str, float]) -> None:
-        if not self.trainer.is_main:
+# ------------------------------------------------------------------------------------------------ loop helpers
+def timed_steps(batches: Iterable) -> Iterator[tuple[int, Any, float, float]]:
+    """(step from 1, batch, seconds spent waiting for it, time.time() when it came) for each of BATCHES."""
+    batches = iter(batches)
+    step = 0
+    while True:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
             return
-        state = self.trainer.state_dict()
-        save_checkpoint(state, self.directory / "last")
-        if metrics.get("is_best"):
-            save_checkpoint(state, self.directory / "best")
+        step += 1
+        yield step, batch, time.perf_counter() - start, time.time()
 
 
-# --------------------------------------------------------------------------------------------------- utilities
-class Stopwatch:
-    """Calling it with a name records the seconds since the previous call (or since START, a time.time()) under that
-    name in `laps`, and returns the time of the call."""
+class FiniteLossCheck:
+    """Remembers an epoch's first step with a non-finite loss on the device (reading the loss every step would make
+    the host wait for the GPU); looks every EVERY steps, and at the end (`raise_if_bad`)."""
 
-    def __init__(self, start: float | None = None):
-        self.laps: dict[str, float] = {}
-        self._last = time.time() if start is None else start
+    def __init__(self, device: torch.device, every: int, epoch: int):
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+        self.every, self.epoch = every, epoch
 
-    def __call__(self, name: str) -> float:
-        now = time.time()
-        self.laps[name] = now - self._last
-        self._last = now
-        return now
+    def check(self, loss: torch.Tensor, step: int) -> None:
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+        if step % self.every == 0:
+            self.raise_if_bad()
 
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (a container's or Slurm's CPU set), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 2
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def resolve_amp(setting: str, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or setting == "off":
-        return None
-    if setting == "fp16":
-        return torch.float16
-    if setting == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+    def raise_if_bad(self) -> None:
+        step = int(self.first_bad)
+        if step >= 0:
+            raise TrainingError(f"non-finite loss at epoch {self.epoch + 1}, step {step} (lower optim.lr, set "
+                                f"train.grad_clip, or train.amp=off)")
 
 
 def train_local(cfg: Config, out_dir: str | Path, hooks: Iterable[Hook] = (), resume: bool = False,

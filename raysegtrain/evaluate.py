@@ -18,15 +18,11 @@ import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 
+from .checkpoint import load_checkpoint
 from .config import Config, apply_overrides
-from .engine import SegmentationTrainer, load_checkpoint
+from .engine import SegmentationTrainer
 from .errors import DataError, ModelError, UserError
 from .metrics import ConfusionMeter, per_class_scores
-
-
-class _ValidationOnly(SegmentationTrainer):
-    def _prefetch_train_batches(self, epoch: int) -> None:
-        pass  # never trains: no train batches to start
 
 
 def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split: str | None = None,
@@ -37,7 +33,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Config | None = None, split
     cfg = cfg or Config.model_validate(state["config"])
     if split:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_split": split})})
-    trainer = _ValidationOnly(cfg, device=device)
+    trainer = SegmentationTrainer(cfg, device=device)
+    trainer.setup_validation()  # no training set, optimizer or schedule
     trainer.module.load_state_dict(state["model"])
     return trainer.validate()
 
@@ -103,7 +100,7 @@ def evaluation_config(base: Config, config_file: str | None = None, overrides: l
 def evaluate_model(loaded, cfg: Config | None = None, split: str = "val", device: str | None = None
                    ) -> EvaluationReport:
     """Score LOADED (an `inference.LoadedModel`) on SPLIT with the training loop's own validation."""
-    from .data.dataset import has_split, split_name
+    from .data.splits import has_split, split_name
 
     cfg = cfg or loaded.cfg
     name = split_name(cfg.data, split)
@@ -113,6 +110,7 @@ def evaluate_model(loaded, cfg: Config | None = None, split: str = "val", device
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_split": name}),
                                  "model": cfg.model.model_copy(update={"encoder_weights": None})})
     trainer = EvaluationTrainer(cfg, device=device)
+    trainer.setup_validation()
     try:
         trainer.module.load_state_dict(loaded.model.state_dict())
     except RuntimeError as e:

@@ -64,7 +64,7 @@ def load_model(model: str | Path, device: str | torch.device | None = None,
 
 
 def load(model: str | Path, device: str | torch.device | None = None, tracking_uri: str | None = None) -> LoadedModel:
-    from .engine import load_checkpoint
+    from .checkpoint import load_checkpoint
 
     text = str(model)
     run_id, artifact = (None, None) if Path(text).expanduser().exists() else parse_run_reference(text)
@@ -95,7 +95,7 @@ def parse_run_reference(text: str) -> tuple[str | None, str | None]:
 
 
 def checkpoint_path(text: str) -> Path:
-    from .engine import CHECKPOINT_FILE
+    from .checkpoint import CHECKPOINT_FILE
 
     p = Path(text).expanduser()
     if p.is_dir():
@@ -120,7 +120,7 @@ def _resolved_uri(tracking_uri: str | None) -> str:
 
 
 def _download_checkpoint(run_id: str, artifact: str, uri: str) -> tuple[str, dict]:
-    from .engine import load_checkpoint
+    from .checkpoint import load_checkpoint
     from .tracking import client
 
     from mlflow.exceptions import MlflowException
@@ -192,14 +192,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 def normalization(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean/std validation used. `normalize: dataset` without explicit values needs the training set."""
-    from .data.dataset import resolve_root
-    from .data.transforms import mean_std
+    from .data.statistics import mean_std
 
-    d = cfg.data
-    if d.normalize != "dataset" or (d.mean is not None and d.std is not None):
-        return mean_std(d, ".")  # the root is only read for dataset statistics
     try:
-        return mean_std(d, resolve_root(d))
+        return mean_std(cfg.data)  # reads the training set only for dataset statistics
     except DataError as e:
         raise ModelError(f"the model was trained with data.normalize=dataset: its training set is needed for the "
                          f"statistics and cannot be read here ({e})") from None
@@ -363,9 +359,9 @@ class Predictor:
     `Normalizer` the training loop applies."""
 
     def __init__(self, model: nn.Module, cfg: Config, mean, std, options: InferenceOptions = InferenceOptions()):
-        from .data.normalize import Normalizer
+        from .data.statistics import Normalizer
         from .data.transforms import build_eval_transform
-        from .engine import resolve_amp
+        from .runtime import resolve_amp
 
         self.model, self.cfg, self.options = model.eval(), cfg, options
         self.device = next(model.parameters()).device

@@ -192,7 +192,7 @@ def log_final_artifacts(uri: str, run_id: str, cfg: Config, history: list[dict],
 def log_checkpoint(c, run_id: str, checkpoint_dir: str | Path, artifact_path: str = "best_checkpoint") -> None:
     """The checkpoint in CHECKPOINT_DIR as an artifact, weights-only: the resumable state (optimizer, schedule)
     stays in the run's own storage, and MLflow keeps what predict, evaluate and export need."""
-    from .engine import inference_state, load_checkpoint, save_checkpoint
+    from .checkpoint import inference_state, load_checkpoint, save_checkpoint
 
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(inference_state(load_checkpoint(checkpoint_dir)), d)

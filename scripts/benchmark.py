@@ -45,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysegtrain import config  # noqa: E402
-from raysegtrain.engine import Hook  # noqa: E402
+from raysegtrain.hooks import Hook  # noqa: E402
 
 SIZE = 512
 STARTUP_KEYS = ("first_step_s", "startup_launch_s", "startup_driver_s", "startup_workers_s", "startup_setup_s",
@@ -304,13 +304,13 @@ def fit_throughput(overrides: list[str], sampler: GpuSampler | None, gpus: int =
 
 def pipeline_throughput(overrides: list[str], workers: int, batches: int = 40) -> dict:
     from raysegtrain.data.dataset import build_dataset
-    from raysegtrain.engine import SeededSampler, _seed_loader_worker, iterate
+    from raysegtrain.data.loading import SeededSampler, iterate, seed_loader_worker
 
     cfg = config.load(None, overrides)
     ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
     sampler = SeededSampler(torch.utils.data.DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True), 0)
     loader = torch.utils.data.DataLoader(ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
-                                         worker_init_fn=_seed_loader_worker, persistent_workers=workers > 0,
+                                         worker_init_fn=seed_loader_worker, persistent_workers=workers > 0,
                                          prefetch_factor=4 if workers else None, drop_last=True)
     it = iterate(loader)  # as the trainer starts its workers (OpenCV one thread each)
     next(it)  # worker start-up out of the number
@@ -340,7 +340,7 @@ def command_startup(common: list[str], work: Path, extra_env: dict | None = None
     keep_train_logs(label)
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1:] or proc.returncode}
-    from raysegtrain.engine import load_checkpoint
+    from raysegtrain.checkpoint import load_checkpoint
 
     newest = max(glob.glob(str(storage / "**" / "checkpoint.pt"), recursive=True), key=os.path.getmtime)
     first = load_checkpoint(newest)["history"][0]

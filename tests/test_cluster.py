@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysegtrain.engine import Hook
+from raysegtrain.hooks import Hook
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_DIR = ROOT / "cluster"
@@ -519,7 +519,7 @@ def test_losing_a_worker_node_resumes_from_the_last_checkpoint(cluster, tmp_path
     """In epoch 2 of 3 the node of a rank that is not on the head is lost (its raylet SIGKILLed); with
     run.max_failures=1 Ray Train restarts the worker group on the two nodes left, from the epoch-1 checkpoint."""
     from raysegtrain import tracking
-    from raysegtrain.engine import load_checkpoint
+    from raysegtrain.checkpoint import load_checkpoint
 
     (tmp_path / "placements").mkdir()
     marker = tmp_path / "kill-this-node.json"

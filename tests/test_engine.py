@@ -1,12 +1,16 @@
-"""The shared loop in one process (no Ray): learning, checkpoints, exact resume, NaN stop, early stop, freezing."""
+"""The shared loop in one process (no Ray): learning, checkpoints, exact resume, NaN stop, early stop, freezing,
+start-up figures, building at fit, validation that trains nothing."""
 
-import math
+import copy
+import time
 
 import pytest
 import torch
 
-from raysegtrain.engine import (Hook, SegmentationTrainer, load_checkpoint, save_checkpoint, train_local)
+from raysegtrain.checkpoint import load_checkpoint, save_checkpoint
+from raysegtrain.engine import SegmentationTrainer, train_local
 from raysegtrain.errors import TrainingError, UserError
+from raysegtrain.hooks import Hook, LocalCheckpointHook, StartupTimingHook, StopTraining
 
 
 class Record(Hook):
@@ -23,7 +27,9 @@ class Record(Hook):
 def test_two_epochs_lower_the_loss_and_write_checkpoints(tiny_cfg, tmp_path):
     rec = Record()
     cfg = tiny_cfg("train.epochs=3", "optim.lr=3e-3")
-    summary = train_local(cfg, tmp_path, hooks=[rec])
+    t0 = time.time() - 3.0  # a caller that started 3 s ago, handed the job over 2 s later, in two stages
+    startup = StartupTimingHook(t0, submitted=t0 + 2.0, driver_stages={"checks": 1.5, "ray": 0.5})
+    summary = train_local(cfg, tmp_path, hooks=[startup, rec])
     assert summary["epochs"] == 3 and summary["stop_reason"] == "completed"
     losses = [m["train_loss"] for m in rec.epochs]
     assert losses[-1] < losses[0]
@@ -33,6 +39,14 @@ def test_two_epochs_lower_the_loss_and_write_checkpoints(tiny_cfg, tmp_path):
     assert last["epoch"] == 3 and 1 <= best["epoch"] <= 3
     assert best["best_value"] == pytest.approx(max(m["val_iou"] for m in rec.epochs))
     assert last["config"]["model"]["encoder"] == "resnet18"
+    # every epoch's training figures; the first epoch's start-up split adds up to the first step's latency
+    assert all(m["epoch_time_s"] > 0 and m["images_per_s"] > 0 and 0 <= m["data_wait_share"] <= 1 for m in rec.epochs)
+    first = rec.epochs[0]
+    parts = ("startup_driver_s", "startup_workers_s", "startup_setup_s", "startup_first_batch_s")
+    assert all(first[k] >= 0 for k in parts)
+    assert sum(first[k] for k in parts) == pytest.approx(first["first_step_s"], abs=1e-6)
+    assert first["startup_driver_s"] == pytest.approx(2.0) and first["startup_driver_checks_s"] == 1.5
+    assert all("first_step_s" not in m for m in rec.epochs[1:])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -42,18 +56,12 @@ def test_two_epochs_equal_one_plus_resume(tiny_cfg, tmp_path, workers):
                    f"data.loader_workers={workers}")
     train_local(cfg, tmp_path / "straight")
     # "interrupted" after one epoch: a run whose config says 2 epochs, stopped by a hook after the first
-    from raysegtrain.engine import StopTraining
 
     class StopAfterOne(Hook):
         def after_epoch(self, metrics):
             raise StopTraining("simulated interruption")
 
-    trainer = SegmentationTrainer(cfg, [StopAfterOne()])
-    from raysegtrain.engine import LocalCheckpointHook
-
-    trainer.register(LocalCheckpointHook(tmp_path / "split"))
-    trainer.hooks.reverse()  # checkpoint first, then stop
-    trainer.fit()
+    SegmentationTrainer(cfg, [LocalCheckpointHook(tmp_path / "split"), StopAfterOne()]).fit()  # checkpoint, stop
     assert load_checkpoint(tmp_path / "split" / "last")["epoch"] == 1
     train_local(cfg, tmp_path / "split", resume=True)
 
@@ -115,6 +123,7 @@ def test_encoder_frozen_for_first_epochs(tiny_cfg):
 
     cfg = tiny_cfg("train.epochs=2", "model.freeze_encoder_epochs=1")
     trainer = SegmentationTrainer(cfg, [Snap()])
+    trainer.setup()  # builds the model now; fit does not build it again
     before = {k: v.detach().clone() for k, v in trainer.module.encoder.state_dict().items()}
     trainer.fit()
     for k, v in before.items():  # weights and BN statistics untouched while frozen
@@ -168,3 +177,49 @@ def test_dataset_normalization_travels_in_the_checkpoint(tiny_cfg, tmp_path):
     # the training set is no longer needed to predict with the checkpoint
     moved = trained.model_copy(update={"data": trained.data.model_copy(update={"root": tmp_path / "gone"})})
     assert normalization(moved) == (stats.mean, stats.std)
+
+
+def test_attributes_set_before_fit_take_effect(tiny_cfg):
+    """Construction builds nothing; fit builds with the attributes as they are then."""
+    rec = Record()
+    trainer = SegmentationTrainer(tiny_cfg("train.epochs=2"), [rec])
+    assert trainer.built is None and not hasattr(trainer, "model")
+    trainer.epochs, trainer.batch_size = 1, 2
+    summary = trainer.fit()
+    assert summary["epochs"] == 1 and len(rec.epochs) == 1
+    assert rec.steps == 6  # 12 images / batch 2
+    assert "startup_setup_s" in rec.epochs[0]  # the trainer's own start-up figures when the caller gives none
+
+
+def test_validation_leaves_the_schedule_alone_and_fit_steps_the_plateau_per_epoch(tiny_cfg):
+    trainer = SegmentationTrainer(tiny_cfg("train.epochs=2", "schedule.name=plateau", "schedule.warmup_epochs=0"))
+    trainer.setup()
+    before = copy.deepcopy(trainer.schedule.state_dict())
+    trainer.validate()
+    trainer.validate()
+    assert trainer.schedule.state_dict() == before
+    trainer.fit()
+    assert trainer.schedule.plateau.last_epoch == 2  # once at the end of each validated epoch
+
+
+def test_evaluation_builds_no_training_set_nor_optimizer(tiny_cfg, tmp_path, monkeypatch):
+    import raysegtrain.data.dataset as dataset
+    from raysegtrain.evaluate import evaluate_checkpoint
+    from raysegtrain.model import build_model
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    weights = build_model(cfg).state_dict()
+    save_checkpoint({"model": weights, "config": cfg.to_dict()}, tmp_path)
+    reference = SegmentationTrainer(cfg)  # the training path, on the same weights
+    reference.setup()
+    reference.module.load_state_dict(weights)
+    expected = reference.validate()
+
+    built, build = [], dataset.build_dataset
+    monkeypatch.setattr(dataset, "build_dataset", lambda *a, **kw: built.append(kw["train"]) or build(*a, **kw))
+    monkeypatch.setattr(SegmentationTrainer, "build_optimizer", lambda self: pytest.fail("built an optimizer"))
+    monkeypatch.setattr(SegmentationTrainer, "build_schedule", lambda self: pytest.fail("built a schedule"))
+    metrics = evaluate_checkpoint(tmp_path, device="cpu")
+    assert built == [False]  # the validation split only
+    assert metrics == pytest.approx(expected, nan_ok=True)

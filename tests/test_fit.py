@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from raysegtrain import tracking
-from raysegtrain.engine import Hook, load_checkpoint
+from raysegtrain.checkpoint import load_checkpoint
 from raysegtrain.errors import TrainingError, UserError
 from raysegtrain.evaluate import evaluate_checkpoint
+from raysegtrain.hooks import Hook
 from raysegtrain.train import fit
 
 TWO_WORKERS = ["scaling.num_workers=2", "scaling.use_gpu=false", "data.synthetic.num_val=7"]
@@ -147,7 +148,9 @@ def _cli(*args, cwd, env_extra=None):
 def test_bad_input_exits_2_with_one_line_before_any_worker(args, message, tmp_path):
     p = _cli("fit", *args, "--no-progress", cwd=tmp_path)
     assert p.returncode == 2, p.stderr
-    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    # the GPU check comes after the data check, which may generate the synthetic set first: a progress line
+    progress = "generating the synthetic dataset "
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip() and not ln.startswith(progress)]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     if "use_gpu" not in args[0]:  # only the GPU check needs to ask Ray what the cluster has

@@ -138,7 +138,7 @@ class FailFocalTrials:
 
 
 def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, ray_local):
-    from raysegtrain.engine import Hook
+    from raysegtrain.hooks import Hook
 
     hook = type("FailFocal", (FailFocalTrials, Hook), {})()
     result = run_study(SMOKE, _settings(tmp_path) + ["budget.num_samples=4", "asha.max_epochs=1",
