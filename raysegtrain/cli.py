@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def _load(items: list[str]):
 def cmd_fit(args) -> int:
     from rich.console import Console
 
+    from .interrupt import Interrupted
     from .train import fit
 
     cfg = _load(args.config)
@@ -54,8 +56,15 @@ def cmd_fit(args) -> int:
                       f"{s.num_workers} worker(s), batch {cfg.train.batch_size} per worker = "
                       f"{cfg.train.batch_size * s.num_workers} global, {cfg.train.epochs} epochs")
 
-    result = fit(cfg, resume=args.resume, address=args.address, verbose=args.verbose,
-                 progress="lines" if args.no_progress else "bar", console=console, on_ready=announce)
+    try:
+        result = fit(cfg, resume=args.resume, address=args.address, verbose=args.verbose,
+                     progress="lines" if args.no_progress else "bar", console=console, on_ready=announce)
+    except Interrupted as e:
+        # --resume reads its config from the command line, as a new run does: the hint repeats it
+        again = ["raysegtrain", "fit", *args.config, *(["--address", args.address] if args.address else []),
+                 "--resume", e.run_name]
+        print(f"interrupted: continue with {shlex.join(again)}", file=sys.stderr, flush=True)
+        return e.exit_code
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
     console.print(f"[bold green]done[/] run {result.run_name}: best {result.monitor} {best}")
     console.print(f"  best checkpoint: {result.best_checkpoint}")
@@ -111,7 +120,7 @@ def cmd_data_synth(args) -> int:
 
 def cmd_data_check(args) -> int:
     from .data.check import check_dataset
-    from .data.dataset import resolve_root
+    from .data.splits import resolve_root
 
     cfg = _load(args.config)
     problems = check_dataset(cfg.data)

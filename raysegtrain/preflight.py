@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from .config import Config
+from typing import Any, Callable
+
+from .config import Config, SyntheticConfig
 from .errors import DataError
 
 
 def check_data(cfg: Config) -> None:
-    from .data.dataset import list_split
+    from .data.splits import list_split
     from .data.io import read_image, read_mask
 
     d = cfg.data
@@ -33,7 +35,12 @@ def check_model(cfg: Config) -> None:
     check_model_config(cfg)
 
 
-def check_fit(cfg: Config) -> None:
+def check_fit(cfg: Config, generation: Callable[[SyntheticConfig], Any] | None = None) -> None:
+    """Every check, the cheap ones first. GENERATION(syn), if given, is called before the data check of a run on
+    the synthetic dataset, to generate the set if it is missing while showing its progress; the other checks come
+    before it, so that their mistakes are reported without waiting for the generation."""
     check_augment(cfg)
     check_model(cfg)
+    if generation is not None and (cfg.data.root is None or str(cfg.data.root) == ""):
+        generation(cfg.data.synthetic)
     check_data(cfg)

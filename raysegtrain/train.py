@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,10 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from . import preflight, tracking
+from . import preflight, presets, tracking
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config
-from .engine import Hook, SegmentationTrainer, StepInfo, Stopwatch, load_checkpoint, save_checkpoint
+from .engine import SegmentationTrainer
 from .errors import ConfigError, ResourceError, TrainingError, UserError
+from .hooks import Hook, StartupTimingHook, StepInfo
+from .interrupt import Interrupted, StopOnSignal, signal_name
+from .runtime import Stopwatch
 
 import ray
 import ray.train
@@ -101,8 +106,7 @@ class ProgressHook(Hook):
     def before_epoch(self) -> None:
         if self.trainer.is_main:
             t = self.trainer
-            steps = min(len(t.train_loader), t.steps_per_epoch * t.grad_accum)
-            self._send(("epoch_start", t.epoch, t.epochs, steps))
+            self._send(("epoch_start", t.epoch, t.epochs, t.batches_this_epoch()))
 
     def after_step(self, info: StepInfo) -> None:
         import time
@@ -146,13 +150,14 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, map_location="cpu")
-    hooks: list[Hook] = [*loop_config.get("hooks", ()), RayReportHook(cfg.tracking.num_overlays)]
+    # the driver's start-up figures: made just before the trainer, whose launch and setup it times from here
+    hooks: list[Hook] = [StartupTimingHook(loop_config.get("t0"), loop_config.get("t_submit"),
+                                           loop_config.get("driver_stages")), *loop_config.get("hooks", ()),
+                         RayReportHook(cfg.tracking.num_overlays)]
     if loop_config.get("progress") is not None:
-        hooks.insert(0, ProgressHook(loop_config["progress"]))
+        hooks.insert(1, ProgressHook(loop_config["progress"]))
     trainer = SegmentationTrainer(cfg, hooks, device=device, wrap_model=ray.train.torch.prepare_model,
-                                  resume_state=state, datasets=loop_config.get("datasets"), t0=loop_config.get("t0"))
-    trainer.submitted = loop_config.get("t_submit")
-    trainer.driver_stages = loop_config.get("driver_stages") or {}
+                                  resume_state=state, datasets=loop_config.get("datasets"))
     return trainer.fit()
 
 
@@ -321,22 +326,62 @@ def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=
     )
 
 
+def abort_on_signal(trainer: TorchTrainer) -> StopOnSignal:
+    """A context for `trainer.fit()`: the first Ctrl-C or SIGTERM aborts the run through its controller, which stops
+    the workers and leaves the checkpoints written so far, after which fit() raises `Interrupted`; a second signal
+    interrupts at once.
+
+    Ray Train (2.60, `DataParallelTrainer._initialize_and_run_controller`) installs its own SIGINT handler with the
+    controller's handle before it waits for the run. That handler aborts the controller too, but then calls
+    sys.exit(0) inside ray.get, which Ray's core worker turns into SystemExit(1) before any of our code runs (no
+    message, MLflow run left RUNNING, exit 1); it ignores a second Ctrl-C and does not handle SIGTERM at all. So the
+    trainer hands the controller to us instead (its `_register_sigint_handler(controller)` hook, called only in the
+    main thread, as signal handlers must be), and ours does the same abort and leaves the outcome to fit()."""
+    controllers = []
+
+    def abort(signum: int) -> None:
+        if not controllers:  # no run started yet: nothing to stop but ourselves
+            raise KeyboardInterrupt
+        try:
+            ray.get(controllers[0].abort.remote())
+        except ray.exceptions.RayActorError:
+            pass  # abort ends the controller's actor: the expected outcome
+
+    trainer._register_sigint_handler = controllers.append
+    return StopOnSignal(abort)
+
+
+def _interrupted(signum: int, name: str, uri: str | None, run_id: str | None) -> Interrupted:
+    if run_id:
+        tracking.end_run(uri, run_id, "KILLED", {"stop_reason": f"interrupted ({signal_name(signum)}): resume with "
+                                                                f"--resume {name} and the same config"})
+    return Interrupted(signum, name)
+
+
 def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, verbose: bool = False,
         progress: str | None = None, console=None, hooks=(), on_ready=None, datasets=None) -> FitResult:
     """Train CFG with Ray Train; returns the best metric, checkpoint paths and the MLflow run id.
 
     User mistakes raise `UserError` before any worker starts; a failure inside training raises `TrainingError`
-    with its root cause on one line (the MLflow run is then marked FAILED). HOOKS (picklable `engine.Hook`s) run in
-    every worker, before the reporting hook. ON_READY(cfg, name) is called once the inputs passed every check.
+    with its root cause on one line (the MLflow run is then marked FAILED); Ctrl-C or SIGTERM while it trains stops
+    the workers, keeps the checkpoints, marks the MLflow run KILLED and raises `interrupt.Interrupted`. HOOKS
+    (picklable `engine.Hook`s) run in every worker, before the reporting hook. ON_READY(cfg, name) is called once
+    the inputs passed every check.
     DATASETS, a picklable (cfg) -> (train, val) callable, replaces the configured data source (benchmarks, custom
     sources); its items are dicts with image (float CxHxW) and mask (long HxW).
     """
     t0 = float(os.environ.get("RAYSEGTRAIN_T0", time.time()))
     stages = Stopwatch(t0)  # the driver's part of the start-up: where a slow first step went
     stages("imports")  # the command's own start: interpreter, torch, Ray
+    cfg, preset_note = presets.resolve(cfg, lambda: presets.probe(address, verbose), datasets is not None)
+    generation = None
+    if progress is not None:  # someone watches: the preset auto chose, the synthetic set being generated
+        from .progress import driver_output
+
+        console, generation = driver_output(preset_note, progress, console)
     cfg = with_absolute_paths(cfg)
     if datasets is None:
-        preflight.check_fit(cfg)
+        preflight.check_fit(cfg, generation)
     else:
         preflight.check_augment(cfg), preflight.check_model(cfg)
     name = plan_run_name(cfg, resume)
@@ -363,14 +408,15 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     display = ProgressDisplay(cfg, mode=progress, console=console)
     trainer = build_trainer(cfg, name, callbacks, progress=display.queue, hooks=hooks, datasets=datasets, t0=t0,
                             scaling=scaling, driver_stages=stages)
+    stop = abort_on_signal(trainer)
     try:
-        with display:
+        with stop, display:
             result = trainer.fit()
-    except KeyboardInterrupt:
-        if run_id:
-            tracking.end_run(uri, run_id, "KILLED")
-        raise
+    except KeyboardInterrupt:  # a second signal while stopping, or Ctrl-C where no handler could be installed
+        raise _interrupted(stop.signum or signal.SIGINT, name, uri, run_id) from None
     except Exception as e:  # Ray's TrainingFailedError and friends
+        if stop.signum is not None:  # the aborted controller's end reaches us as an error of Ray's
+            raise _interrupted(stop.signum, name, uri, run_id) from None
         cause = root_cause(e)
         if run_id:
             tracking.end_run(uri, run_id, "FAILED", {"error": one_line(cause)[:4000]})
