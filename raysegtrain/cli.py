@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .errors import TrainingError, UserError
+from .errors import ReportedError, TrainingError, UserError
 
 
 CONFIG_ARGS_HELP = ("optional YAML config, or a dataset folder (same as data.root=FOLDER), then dotted overrides "
@@ -182,12 +182,10 @@ def cmd_ui(args) -> int:
         print(f"port {DEFAULT_UI_PORT} is in use: serving on {port}", file=sys.stderr)
     args.port = port
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    c = tracking.client(uri)
-    exp = c.get_experiment_by_name(args.experiment)
-    link = tracking.runs_table_url(args.host, args.port, exp.experiment_id) if exp else f"http://{args.host}:{args.port}"
+    exp = tracking.experiment_id(uri, args.experiment)
+    link = tracking.runs_table_url(args.host, args.port, exp) if exp else f"http://{args.host}:{args.port}"
     print(f"MLflow UI for {uri}\n  runs table: {link}\n  (Ctrl-C stops it)", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]
+    cmd = tracking.ui_command(uri, args.host, args.port)
     import signal
     import subprocess
 
@@ -304,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except TrainingError as e:
         print(f"error: training failed: {e}", file=sys.stderr)
+        return e.exit_code
+    except ReportedError as e:
+        print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,7 +1,7 @@
 """`predict`, `evaluate` and `export` on the command line: arguments in, library calls, a short report out.
 
-Errors follow cli.py's rule: a `UserError` is printed as one line `error: ...` with its exit code (2; 1 for an
-export that fails its parity check).
+Errors follow cli.py's rule: a `ReportedError` is printed as one line `error: ...` with its exit code (2 for the
+user's mistakes, 1 for an export that fails its parity check).
 """
 
 from __future__ import annotations

@@ -263,13 +263,19 @@ class TrainConfig(Section):
 
     @property
     def monitor_mode(self) -> str:
-        if self.mode != "auto":
-            return self.mode
-        return "min" if self.monitor.endswith("loss") else "max"
+        return monitor_mode(self.monitor, None if self.mode == "auto" else self.mode)
+
+
+def monitor_mode(metric: str, mode: str | None = None) -> str:
+    """Whether METRIC is better high ("max") or low ("min"): MODE when given, else min for losses, max otherwise.
+    The one rule for fit's monitor and a study's objective."""
+    return mode or ("min" if metric.endswith("loss") else "max")
 
 
 # ------------------------------------------------------------------------------------------ scaling / run / mlflow
-class ScalingConfig(Section):
+class ScalingSettings(Section):
+    """The `scaling` section (named so as not to be read as Ray's `ScalingConfig`, which fit builds from it)."""
+
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks)")
     use_gpu: Literal["auto", "true", "false"] = Field(
         "auto", description="auto: GPUs when the cluster has them; true: require them; false: CPU (gloo)")
@@ -288,13 +294,16 @@ class ScalingConfig(Section):
         return str(v).lower() if isinstance(v, bool) else v
 
 
-class RunConfig(Section):
+class RunSettings(Section):
+    """The `run` section (named so as not to be read as Ray's `RunConfig`, which fit builds from it)."""
+
     preset: Literal["auto", "full", "cpu"] = Field(
         "auto", description="run size. full: the defaults as they stand (sized for a GPU); cpu: a run of a few "
                             "minutes on CPU (unet/resnet18, 128² synthetic images and image_size, 96 train / 32 val "
-                            "/ 16 test images, 8 epochs) for each of those keys not set explicitly; auto: cpu when "
-                            "the run will have no GPU and none of those keys nor data.root is set, else full. fit "
-                            "records what it chose (cpu or full) in the config it trains, logs and checkpoints")
+                            "/ 16 test images, batch 4, lr 0.001, 12 epochs; a local Ray's CPUs for the workers) for "
+                            "each of those keys not set explicitly; auto: cpu when the run will have no GPU and none "
+                            "of those keys (the CPUs aside) nor data.root is set, else full. fit records what it "
+                            "chose (cpu or full) in the config it trains, logs and checkpoints")
     name: Optional[str] = Field(None, description="run name; default fit-<date>-<time>; reused only with --resume")
     storage_path: str = Field("runs", description="checkpoints and Ray results: local folder, NFS path, s3:// or gs://")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure (-1 = unlimited)")
@@ -324,8 +333,8 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    run: RunConfig = Field(default_factory=RunConfig)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

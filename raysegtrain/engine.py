@@ -65,9 +65,8 @@ class SegmentationTrainer:
         self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.device.type == "cuda")
         self.nan_check_every = 1 if self.device.type == "cpu" else 25
         # copy + normalise batch i+1 on a side CUDA stream during step i: a gain on one GPU; beside DDP's all-reduce
-        # the copy on the compute stream did better (2 H200s, U-Net/ResNet-34: scaling efficiency 0.948 with
-        # the side stream, 0.968 without, in a run whose raw records were lost with its machine; see
-        # docs/benchmarks.md, `--only ...,variants` of scripts/benchmark.py measures it again)
+        # the copy on the compute stream scaled better (docs/benchmarks.md; `--only ...,variants` of
+        # scripts/benchmark.py measures both)
         self.copy_on_side_stream = self.device.type == "cuda" and self.world_size == 1
 
         # state that a checkpoint carries (BestMetricHook keeps best_value, best_epoch, bad_epochs and may set

@@ -193,4 +193,4 @@ def log_report(report: EvaluationReport, files: dict[str, Path], run_id: str, tr
     c = tracking.client(tracking_uri)
     tracking.log_metrics(c, run_id, report.mlflow_metrics(), step=report.epoch or 0)
     for path in files.values():
-        c.log_artifact(run_id, str(path), f"eval_{report.split}")
+        tracking.log_artifact(c, run_id, path, f"eval_{report.split}")

@@ -21,7 +21,7 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from .errors import UserError
+from .errors import ReportedError, UserError
 from .inference import SIZE_DIVISOR, LoadedModel
 
 Format = Literal["onnx", "torchscript"]
@@ -31,9 +31,9 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 METADATA_FILE = "raysegtrain.json"  # TorchScript extra file
 
 
-class ExportMismatchError(UserError):
-    """The exported model disagrees with PyTorch beyond the tolerance: one line and exit 1, like a failed run (it
-    is not the user's mistake, but it is reported the same quiet way)."""
+class ExportMismatchError(ReportedError):
+    """The exported model disagrees with PyTorch beyond the tolerance. Not the user's mistake, so exit 1, but
+    reported in one line like every failure the user can act on (a looser --tolerance, another opset)."""
 
     exit_code = 1
 
@@ -193,43 +193,17 @@ def register(result: ExportResult, name: str, loaded: LoadedModel, tracking_uri:
              ) -> tuple[str, str]:
     """Log the exported file as an MLflow model (onnx / pytorch flavour) and register it as NAME; returns
     (name, version). It goes into the model's own run when MODEL was an MLflow run, else into a new run."""
-    import logging
-
-    import mlflow
-
     from . import tracking
 
     uri = loaded.tracking_uri or tracking.resolve_tracking_uri(tracking_uri)
-    c = tracking.client(uri)
-    run_id = loaded.run_id
-    if run_id is None:
-        experiment = tracking.ensure_experiment(c, loaded.cfg.tracking.experiment)
-        run_id = c.create_run(experiment, run_name=f"export-{name}",
-                              tags={"raysegtrain.export_of": loaded.source}).info.run_id
-    previous = mlflow.get_tracking_uri()
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets it: restore it exactly
-    mlflow.set_tracking_uri(uri)
-    quiet = logging.getLogger("mlflow")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # registration chatter and a pickle warning that does not apply to TorchScript
-    try:
-        with mlflow.start_run(run_id=run_id):
-            if result.format == "onnx":
-                import onnx
+    run_id = loaded.run_id or tracking.create_run(uri, loaded.cfg.tracking.experiment, f"export-{name}",
+                                                  tags={"raysegtrain.export_of": loaded.source})
+    if result.format == "onnx":
+        import onnx
 
-                info = mlflow.onnx.log_model(onnx.load(str(result.path)), name="onnx_model",
-                                             registered_model_name=name, pip_requirements=["onnxruntime", "numpy"],
-                                             metadata=result.metadata, save_as_external_data=False)
-            else:
-                info = mlflow.pytorch.log_model(load_torchscript(result.path), name="torchscript_model",
-                                                registered_model_name=name, pip_requirements=["torch", "numpy"],
-                                                metadata=result.metadata, serialization_format="pickle")
-    finally:
-        quiet.setLevel(level)
-        mlflow.set_tracking_uri(previous)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous_env
-    result.registered = (name, str(info.registered_model_version))
+        model = onnx.load(str(result.path))
+    else:
+        model = load_torchscript(result.path)
+    version = tracking.register_model(uri, run_id, model, result.format, name, result.metadata)
+    result.registered = (name, version)
     return result.registered

@@ -14,10 +14,8 @@ back. Sliding-window inference instead works at the image's own resolution with 
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
@@ -54,13 +52,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def load_model(model: str | Path, device: str | torch.device | None = None,
-               tracking_uri: str | None = None) -> tuple[nn.Module, Config]:
-    """(model in eval mode, its training config) for a checkpoint path or an MLflow run."""
-    loaded = load(model, device, tracking_uri)
-    return loaded.model, loaded.cfg
 
 
 def load(model: str | Path, device: str | torch.device | None = None, tracking_uri: str | None = None) -> LoadedModel:
@@ -120,40 +111,20 @@ def _resolved_uri(tracking_uri: str | None) -> str:
 
 
 def _download_checkpoint(run_id: str, artifact: str, uri: str) -> tuple[str, dict]:
+    from . import tracking
     from .checkpoint import load_checkpoint
-    from .tracking import client
 
-    from mlflow.exceptions import MlflowException
-
-    c = client(uri)
-    try:
-        c.get_run(run_id)
-    except MlflowException as e:
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise ModelError(f"MODEL {run_id}: no such MLflow run in {uri}") from None
-        raise ModelError(f"cannot read MLflow run {run_id} from {uri}: {str(e).splitlines()[0]}") from None
-    with tempfile.TemporaryDirectory(prefix="raysegtrain-model-") as tmp, _quiet_mlflow_downloads():
+    with tempfile.TemporaryDirectory(prefix="raysegtrain-model-") as tmp:
         try:
-            local = c.download_artifacts(run_id, artifact, tmp)
-        except Exception as e:
-            raise ModelError(f"MLflow run {run_id} has no artifact {artifact!r} ({str(e).splitlines()[0]})") from None
+            local = tracking.download_artifact(uri, run_id, artifact, tmp)
+        except tracking.NoSuchRun:
+            raise ModelError(f"MODEL {run_id}: no such MLflow run in {uri}") from None
+        except tracking.NoSuchArtifact as e:
+            raise ModelError(f"MLflow run {run_id} has no artifact {artifact!r} ({e})") from None
+        except tracking.RunReadError as e:
+            raise ModelError(f"cannot read MLflow run {run_id} from {uri}: {e}") from None
         state = load_checkpoint(local)
     return f"runs:/{run_id}/{artifact}", state
-
-
-@contextmanager
-def _quiet_mlflow_downloads():
-    """No tqdm bar per download (ours is the only progress display)."""
-    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-    previous = os.environ.get(name)
-    os.environ[name] = "false"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
 
 
 def checkpoint_config(state: dict, path) -> Config:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .config import Config
-from .errors import ModelError
+from .errors import ModelError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +122,9 @@ def _create(cfg: Config, encoder_weights) -> nn.Module:
         if encoder_weights is not None and _is_network_error(e):
             raise ModelError(
                 f"model.encoder_weights={m.encoder_weights!r} for {m.encoder} must be downloaded and that failed "
-                f"(it needs network access): {_one_line(e)}. Offline, copy the weights file here and set "
-                f"model.encoder_weights=/path/to/encoder.pth") from None
-        raise ModelError(f"cannot build {m.arch} with encoder {m.encoder}: {_one_line(e)}") from None
+                f"(it needs network access): {one_line(e, with_type=False)}. Offline, copy the weights file here and "
+                f"set model.encoder_weights=/path/to/encoder.pth") from None
+        raise ModelError(f"cannot build {m.arch} with encoder {m.encoder}: {one_line(e, with_type=False)}") from None
 
 
 def _is_network_error(exc: BaseException) -> bool:
@@ -136,11 +136,6 @@ def _is_network_error(exc: BaseException) -> bool:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
 
 
 # ------------------------------------------------------------------------------------------------------ weights
@@ -202,7 +197,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"model.encoder_weights: {p} is not a PyTorch weights file ({_one_line(e)})") from None
+        raise ModelError(f"model.encoder_weights: {p} is not a PyTorch weights file "
+                         f"({one_line(e, with_type=False)})") from None
     for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -355,7 +351,7 @@ def _check_forward(model: nn.Module, cfg: Config) -> None:
         return
     except Exception as e:
         raise ModelError(f"{m.arch} with encoder {m.encoder} cannot process {h}x{w} inputs (data.image_size): "
-                         f"{_one_line(e)}") from None
+                         f"{one_line(e, with_type=False)}") from None
     expected = (1, num_outputs(cfg), h, w)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ValidationError
 from .config import Config, apply_overrides, format_validation_error
 from .errors import ConfigError
 
-# the sizes: small enough for minutes on two CPU cores, large enough that the defects are learnt visibly
+# small enough for minutes on two CPU cores, large enough that the defects are learnt visibly: from scratch (no
+# pretrained encoder), more optimizer steps at a higher rate beat more images or larger batches for the same time
 CPU_PRESET: dict[str, Any] = {
     "data.synthetic.size": 128,
     "data.synthetic.num_train": 96,
@@ -28,7 +29,9 @@ CPU_PRESET: dict[str, Any] = {
     "data.synthetic.num_test": 16,
     "data.image_size": 128,
     "model.encoder": "resnet18",
-    "train.epochs": 8,
+    "train.batch_size": 4,
+    "optim.lr": 1e-3,
+    "train.epochs": 12,
 }
 # not a size: Ray gives a worker as many torch threads as it reserves CPUs for it, one by default, which would
 # leave the other cores of a CPU machine idle. The preset reserves the machine's CPUs when fit starts Ray itself.
@@ -105,7 +108,7 @@ def _with_preset(cfg: Config, preset: str) -> Config:
 
 
 def _will_use_gpu(cfg: Config, cluster: Callable[[], Cluster]) -> bool:
-    """What `train.ray_scaling` will decide, known before any data is generated."""
+    """What `ray_support.ray_scaling` will decide, known before any data is generated."""
     s = cfg.scaling
     if s.use_gpu != "auto":
         return s.use_gpu == "true"
@@ -124,7 +127,7 @@ def probe(address: str | None = None, verbose: bool = False) -> Cluster:
         import torch
 
         return Cluster(gpu=torch.cuda.is_available(), local_cpus=_local_ray_cpus())
-    from .train import init_ray
+    from .ray_support import init_ray
 
     init_ray(address, verbose)
     return Cluster(gpu=ray.cluster_resources().get("GPU", 0) > 0)
@@ -132,13 +135,8 @@ def probe(address: str | None = None, verbose: bool = False) -> Cluster:
 
 def _local_ray_cpus() -> int:
     """The CPUs a local Ray will register (its count honours container quotas), within this process's CPU set."""
+    from .ray_internal import ray_cpu_count
     from .runtime import usable_cpus
 
-    cpus = usable_cpus()
-    try:
-        from ray._private.utils import get_num_cpus  # Ray-internal: without it, the CPU set alone
-
-        cpus = min(cpus, int(get_num_cpus()))
-    except Exception:
-        pass
-    return max(1, cpus)
+    cpus, rays = usable_cpus(), ray_cpu_count()
+    return max(1, min(cpus, rays) if rays else cpus)

@@ -1,8 +1,11 @@
-"""MLflow: one writer per run, on the driver's node.
+"""MLflow, behind one door: the only module that imports it. Callers say what they want done (open a run, log
+metrics, download an artifact, register a model, serve the UI) and never use MLflow's API themselves.
 
-The driver opens the run (params, tags, resolved config) before Ray Train starts; `MLflowTrainCallback` runs in Ray
-Train's controller (an actor pinned to the driver's node) and logs each epoch's metrics; the driver closes the run with
-the best checkpoint, plots and final status. Workers never talk to the tracking store.
+One writer per run, on the driver's node. For `fit`, the driver opens the run (params, tags, resolved config) before
+Ray Train starts; `MLflowEpochLogger` (train.py) runs in Ray Train's controller (an actor pinned to the driver's
+node) and logs each epoch's metrics; the driver closes the run with the best checkpoint, plots and final status. For
+a study, `MLflowTrialLogger` (study_tracking.py), a Tune callback in the driver, writes one child run per trial.
+Workers never talk to the tracking store.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +27,7 @@ NON_METRIC_KEYS = {"is_best", "checkpoint_score", "early_stopped", "done", "trai
                    "time_total_s", "timestamp", "pid", "time_since_restore", "iterations_since_restore"}
 
 
+# ---------------------------------------------------------------------------------------- the store, experiments
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db; relative sqlite/file paths are made
     absolute so that processes with another working directory (Ray actors) write to the same store."""
@@ -38,10 +44,11 @@ def import_in_background() -> threading.Thread:
     instead of after it. Imports only: nothing is written until a run is opened."""
 
     def load():
+        import importlib
+
         try:
-            import mlflow.entities  # noqa: F401
-            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-            import mlflow.tracking  # noqa: F401
+            for module in ("mlflow.entities", "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store"):
+                importlib.import_module(module)
         except Exception:  # a broken install is reported where MLflow is used, with its own message
             pass
 
@@ -51,6 +58,7 @@ def import_in_background() -> threading.Thread:
 
 
 def client(uri: str):
+    """The client of the store at URI: the handle that the functions below taking `c` write through."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -65,6 +73,12 @@ def ensure_experiment(c, name: str) -> str:
     return c.create_experiment(name, artifact_location=default_artifact_location(c.tracking_uri, name))
 
 
+def experiment_id(uri: str, name: str) -> str | None:
+    """The id of experiment NAME in the store at URI; None when it has none of that name."""
+    exp = client(uri).get_experiment_by_name(name)
+    return exp.experiment_id if exp else None
+
+
 def default_artifact_location(uri: str, experiment: str) -> str | None:
     """For a SQLite store, artifacts next to the database (MLflow's default is ./mlruns of whatever process creates
     the experiment); other stores keep their own default."""
@@ -74,10 +88,7 @@ def default_artifact_location(uri: str, experiment: str) -> str | None:
     return None
 
 
-def runs_table_url(host: str, port: int, experiment_id: str) -> str:
-    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs"
-
-
+# ----------------------------------------------------------------------------------------- runs: open, find, close
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -112,6 +123,61 @@ def run_tags(cfg: Config, extra: dict[str, str] | None = None) -> dict[str, str]
     return tags
 
 
+def start_run(cfg: Config, run_name: str, *, uri: str, tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None, experiment: str | None = None) -> str:
+    """Open a run with the flattened config as params and the resolved config as an artifact; returns its id."""
+    c = client(uri)
+    exp_id = ensure_experiment(c, experiment or cfg.tracking.experiment)
+    all_tags = run_tags(cfg, tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    log_params(c, run_id, cfg.flat())
+    with tempfile.TemporaryDirectory() as d:
+        cfg.to_yaml(Path(d) / "config.yaml")
+        c.log_artifact(run_id, str(Path(d) / "config.yaml"))
+    return run_id
+
+
+def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
+    """Open a bare run (these tags only: no config, unlike `start_run`) in EXPERIMENT; returns its id."""
+    c = client(uri)
+    return c.create_run(ensure_experiment(c, experiment), run_name=run_name, tags=tags or {}).info.run_id
+
+
+def find_run(uri: str, experiment: str, run_name: str) -> str | None:
+    """The newest run of EXPERIMENT with this name (for `--resume`: continue logging into the same run)."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def find_child_run(c, parent_run_id: str, tag: str, value: str) -> str | None:
+    """The child run of PARENT_RUN_ID whose tag TAG is VALUE (a study's run of one trial), if any."""
+    exp = c.get_run(parent_run_id).info.experiment_id
+    runs = c.search_runs([exp], filter_string=f"tags.`{tag}` = '{value}' and "
+                                              f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return runs[0].info.run_id if runs else None
+
+
+def mark_running(c, run_id: str) -> None:
+    """Reopen a run that a resumed study or fit continues to log into."""
+    c.update_run(run_id, status="RUNNING")
+
+
+def end_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    c = client(uri)
+    for k, v in (tags or {}).items():
+        c.set_tag(run_id, k, v)
+    c.set_terminated(run_id, status=status)
+
+
+# ------------------------------------------------------------------------------ logging: params, metrics, files
 def log_params(c, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
@@ -133,39 +199,23 @@ def log_metrics(c, run_id: str, metrics: dict[str, Any], step: int) -> None:
         c.log_batch(run_id, metrics=items[i:i + 500])
 
 
-def start_run(cfg: Config, run_name: str, *, uri: str, tags: dict[str, str] | None = None,
-              parent_run_id: str | None = None, experiment: str | None = None) -> str:
-    """Open a run with the flattened config as params and the resolved config as an artifact; returns its id."""
-    c = client(uri)
-    exp_id = ensure_experiment(c, experiment or cfg.tracking.experiment)
-    all_tags = run_tags(cfg, tags)
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
-    run_id = run.info.run_id
-    log_params(c, run_id, cfg.flat())
+def set_tag(c, run_id: str, key: str, value: str) -> None:
+    c.set_tag(run_id, key, value)
+
+
+def log_artifact(c, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """The file at PATH into the run's artifacts, under ARTIFACT_PATH (a folder) when given."""
+    c.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_checkpoint(c, run_id: str, checkpoint_dir: str | Path, artifact_path: str = "best_checkpoint") -> None:
+    """The checkpoint in CHECKPOINT_DIR as an artifact, weights-only: the resumable state (optimizer, schedule)
+    stays in the run's own storage, and MLflow keeps what predict, evaluate and export need."""
+    from .checkpoint import inference_state, load_checkpoint, save_checkpoint
+
     with tempfile.TemporaryDirectory() as d:
-        cfg.to_yaml(Path(d) / "config.yaml")
-        c.log_artifact(run_id, str(Path(d) / "config.yaml"))
-    return run_id
-
-
-def find_run(uri: str, experiment: str, run_name: str) -> str | None:
-    """The newest run of EXPERIMENT with this name (for `--resume`: continue logging into the same run)."""
-    c = client(uri)
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = c.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{run_name}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
-def end_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
-    c = client(uri)
-    for k, v in (tags or {}).items():
-        c.set_tag(run_id, k, v)
-    c.set_terminated(run_id, status=status)
+        save_checkpoint(inference_state(load_checkpoint(checkpoint_dir)), d)
+        c.log_artifacts(run_id, d, artifact_path)
 
 
 def log_final_artifacts(uri: str, run_id: str, cfg: Config, history: list[dict], best_checkpoint: str | None) -> None:
@@ -189,11 +239,96 @@ def log_final_artifacts(uri: str, run_id: str, cfg: Config, history: list[dict],
                 log_checkpoint(c, run_id, best_checkpoint)
 
 
-def log_checkpoint(c, run_id: str, checkpoint_dir: str | Path, artifact_path: str = "best_checkpoint") -> None:
-    """The checkpoint in CHECKPOINT_DIR as an artifact, weights-only: the resumable state (optimizer, schedule)
-    stays in the run's own storage, and MLflow keeps what predict, evaluate and export need."""
-    from .checkpoint import inference_state, load_checkpoint, save_checkpoint
+# ------------------------------------------------------------------------------------- reading a run's artifacts
+class RunReadError(Exception):
+    """A run could not be read from the store; `str()` is the first line of MLflow's message."""
 
-    with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(inference_state(load_checkpoint(checkpoint_dir)), d)
-        c.log_artifacts(run_id, d, artifact_path)
+
+class NoSuchRun(RunReadError):
+    pass
+
+
+class NoSuchArtifact(RunReadError):
+    pass
+
+
+def download_artifact(uri: str, run_id: str, artifact: str, dest: str | Path) -> str:
+    """Download ARTIFACT (a file or folder) of run RUN_ID into DEST; returns its local path. Raises NoSuchRun,
+    NoSuchArtifact, or RunReadError when the store cannot say."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise NoSuchRun(_first_line(e)) from None
+        raise RunReadError(_first_line(e)) from None
+    with _no_download_progress_bars():
+        try:
+            return c.download_artifacts(run_id, artifact, str(dest))
+        except Exception as e:
+            raise NoSuchArtifact(_first_line(e)) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0]
+
+
+@contextmanager
+def _no_download_progress_bars():
+    """No tqdm bar per download (ours is the only progress display)."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    previous = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+# ----------------------------------------------------------------------------------------------- model registry
+def register_model(uri: str, run_id: str, model, fmt: str, name: str, metadata: dict[str, Any]) -> str:
+    """Log MODEL into run RUN_ID as an MLflow model and register it as NAME; returns the registered version. FMT
+    "onnx": MODEL is an `onnx.ModelProto` (onnx flavour); "torchscript": a TorchScript module (pytorch flavour)."""
+    import logging
+
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets it: restore it exactly
+    mlflow.set_tracking_uri(uri)
+    quiet = logging.getLogger("mlflow")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # registration chatter and a pickle warning that does not apply to TorchScript
+    try:
+        with mlflow.start_run(run_id=run_id):
+            if fmt == "onnx":
+                info = mlflow.onnx.log_model(model, name="onnx_model", registered_model_name=name,
+                                             pip_requirements=["onnxruntime", "numpy"], metadata=metadata,
+                                             save_as_external_data=False)
+            else:
+                info = mlflow.pytorch.log_model(model, name="torchscript_model", registered_model_name=name,
+                                                pip_requirements=["torch", "numpy"], metadata=metadata,
+                                                serialization_format="pickle")
+    finally:
+        quiet.setLevel(level)
+        mlflow.set_tracking_uri(previous)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+    return str(info.registered_model_version)
+
+
+# ----------------------------------------------------------------------------------------------------- the UI
+def ui_command(uri: str, host: str, port: int) -> list[str]:
+    """The command that serves MLflow's UI for the store at URI on HOST:PORT, with this interpreter."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+
+
+def runs_table_url(host: str, port: int, experiment_id: str) -> str:
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs"

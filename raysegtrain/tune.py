@@ -1,35 +1,40 @@
 """`tune`: a Ray Tune study (OptunaSearch + ASHA) whose every trial is a `fit` (its own TorchTrainer), in MLflow.
 
 The trainable is a plain function that builds a `TorchTrainer` from the trial's config and calls `fit()`; Ray's
-`TuneReportCallback` carries each epoch's metrics from Train to Tune. `StudyTracker` (a Tune callback, so it runs in
-the driver) is the one MLflow writer: a parent run for the study and a nested child run per trial.
+`TuneReportCallback` carries each epoch's metrics from Train to Tune. Around it, Tune callbacks in the driver, one
+job each: `MLflowTrialLogger` (study_tracking.py) is the study's one MLflow writer (a parent run for the study and a
+nested child run per trial), `StudyStatusTable` (study_status.py) prints the live status, and
+`ReleaseOrphanedPlacementGroups` gives stopped trials' CPUs/GPUs back. study_report.py writes the leaderboard, the
+best config and Optuna's plots.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from . import preflight, tracking
-from .config import Config, flatten
-from .errors import TrainingError, UserError
+from . import preflight
+from .config import Config
+from .errors import TrainingError, UserError, one_line
+from .interrupt import StopTuneOnSignal
+from .ray_internal import orphaned_placement_groups
+from .ray_support import build_trainer, init_ray, prestart_train_helpers, ray_scaling, root_cause, storage_root
 from .search_space import SearchSpace, load_space
-from .train import build_trainer, init_ray, one_line, prestart_train_helpers, ray_scaling, root_cause, storage_root
+from .study_report import StudyReport, write_report
+from .study_status import StudyStatusTable
+from .study_tracking import (MLflowTrialLogger, StudyRun, close_interrupted_study,
+                             finish_study_run, open_study_run)
 
-TRIAL_TAG = "raysegtrain.trial_id"
-STUDY_TAG = "raysegtrain.study"
+__all__ = ["ReleaseOrphanedPlacementGroups", "StudyResult", "run_study", "run_trial"]
 
 
 # ----------------------------------------------------------------------------------------------- the trainable
@@ -48,175 +53,16 @@ def run_trial(config: dict, space: SearchSpace, trials_storage: str, hooks=()) -
         raise TrainingError(one_line(root_cause(e))) from None
 
 
-def trial_overrides(ray_config: dict) -> dict[str, Any]:
-    """The sampled {dotted.key: value} overrides inside the config Ray gives a trial."""
-    return dict(ray_config.get("overrides", {}))
-
-
-def optuna_params(ray_config: dict) -> dict[str, Any]:
-    """{optuna name: value} of a trial: Ray nests the searcher's `/`-separated names; join them back."""
-    out: dict[str, Any] = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}/")
-            else:
-                out[prefix + k] = v
-
-    walk({k: v for k, v in ray_config.items() if k != "overrides"}, "")
-    return out
-
-
-# ------------------------------------------------------------------------------------------ tracking + display
-@dataclass
-class TrialState:
-    run_id: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    started: float = 0.0
-    startup_s: float | None = None
-    epoch: int = 0
-    value: float | None = None
-    best: float | None = None
-    best_checkpoint: str | None = None
-    state: str = "running"
-
-
-class StudyTracker(tune.Callback):
-    """Parent run + nested child runs in MLflow, and a live status table. Runs in the driver."""
-
-    def __init__(self, uri: str | None, parent_run_id: str | None, space: SearchSpace, study: str,
-                 live: bool = True):
-        self.uri, self.parent_run_id, self.space, self.study, self.live = uri, parent_run_id, space, study, live
-        self.trials: dict[str, TrialState] = {}
-        self._client = None
-        self._shown = 0.0
-
-    def __getstate__(self):  # Tune pickles its callbacks with the experiment state
-        state = self.__dict__.copy()
-        state["_client"] = None
-        return state
-
-    @property
-    def client(self):
-        if self._client is None and self.uri:
-            self._client = tracking.client(self.uri)
-        return self._client
-
-    def _better(self, a: float, b: float | None) -> bool:
-        return b is None or (a > b if self.space.mode == "max" else a < b)
-
-    # -- Tune callback hooks -------------------------------------------------------------------------------------
-    def on_trial_start(self, iteration, trials, trial, **info):
-        st = self.trials.setdefault(trial.trial_id, TrialState())
-        st.started = time.time()
-        st.state = "running"
-        st.params = trial_overrides(trial.config)
-        if self.client and st.run_id is None:
-            st.run_id = self._find_child(trial.trial_id) or self._open_child(trial)
-        elif self.client:
-            self.client.update_run(st.run_id, status="RUNNING")
-        self._show(trials)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        st = self.trials.setdefault(trial.trial_id, TrialState())
-        if st.startup_s is None and st.started:
-            st.startup_s = time.time() - st.started
-            if self.client and st.run_id:
-                tracking.log_metrics(self.client, st.run_id, {"startup_s": st.startup_s}, step=0)
-        st.epoch = int(result.get("epoch", st.epoch))
-        value = result.get(self.space.metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            st.value = float(value)
-            if self._better(st.value, st.best):
-                st.best, st.best_checkpoint = st.value, result.get(CHECKPOINT_PATH_KEY)
-        if self.client and st.run_id:
-            tracking.log_metrics(self.client, st.run_id, result, step=st.epoch)
-        self._show(trials)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        st = self.trials.setdefault(trial.trial_id, TrialState())
-        st.state = trial_state(trial.last_result or {}, None, self.space.max_epochs)
-        self._close_child(st, "FINISHED")
-        self._show(trials, force=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        st = self.trials.setdefault(trial.trial_id, TrialState())
-        st.state = f"failed: {trial_error(trial)}"
-        self._close_child(st, "FAILED")
-        self._show(trials, force=True)
-
-    def close_unfinished(self, status: str) -> None:
-        """Runs of trials that were still going when the study stopped (a resume reopens them)."""
-        for st in self.trials.values():
-            if st.state == "running" and self.client and st.run_id:
-                tracking.end_run(self.uri, st.run_id, status, {"state": "interrupted"})
-
-    # -- MLflow ------------------------------------------------------------------------------------------------
-    def _find_child(self, trial_id: str) -> str | None:
-        exp = self.client.get_run(self.parent_run_id).info.experiment_id
-        runs = self.client.search_runs([exp], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
-                                                            f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'")
-        return runs[0].info.run_id if runs else None
-
-    def _open_child(self, trial) -> str:
-        cfg = self.space.trial_config(trial.config)
-        st = self.trials[trial.trial_id]
-        run_id = tracking.start_run(cfg, f"{self.study}/{trial.trial_id}", uri=self.uri,
-                                    parent_run_id=self.parent_run_id,
-                                    tags={TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study})
-        tracking.log_params(self.client, run_id, {f"sampled.{k}": v for k, v in st.params.items()})
-        return run_id
-
-    def _close_child(self, st: TrialState, status: str) -> None:
-        if not (self.client and st.run_id):
-            return
-        if st.best_checkpoint and Path(st.best_checkpoint).is_dir() and status == "FINISHED":
-            tracking.log_checkpoint(self.client, st.run_id, st.best_checkpoint)
-        tags = {"state": st.state}
-        if st.best is not None:
-            tags[f"best_{self.space.metric}"] = f"{st.best:.6g}"
-        tracking.end_run(self.uri, st.run_id, status, tags)
-
-    # -- display -----------------------------------------------------------------------------------------------
-    def _show(self, trials, force: bool = False) -> None:
-        if not self.live or (not force and time.time() - self._shown < 5):
-            return
-        self._shown = time.time()
-        from rich.console import Console
-
-        Console(stderr=True).print(status_table(self, trials))
-
-
-def orphaned_placement_groups() -> list:
-    """This job's placement groups whose creating actor has died: those of a trial's Train controller, killed with
-    its trial when ASHA stops it. GCS keeps such a group until the job ends; Ray Train's own cleaner removes it by
-    polling the state API, which lags on a small loaded machine, and meanwhile the next trial waits for CPUs that
-    nothing uses (Train's 60 s worker-group start timeout then fails it). Groups made by the driver (Tune's own)
-    have no creating actor and are never listed. Reads GCS's table through Ray's private accessor: if that moves in a
-    later Ray, this finds nothing and Train's cleaner does the work alone."""
-    from ray._private.state import state as gcs_state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup
-
-    try:
-        job = ray.get_runtime_context().get_job_id()
-        table = gcs_state._connect_and_get_accessor().get_placement_group_table()
-    except Exception:
-        return []
-    found = []
-    for raw in table:
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        made_by_actor = not ray.ActorID(pg.creator_actor_id).is_nil()  # a driver's groups carry the nil id
-        if (made_by_actor and pg.creator_actor_dead and not pg.is_detached and pg.creator_job_id.hex() == job
-                and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED):
-            found.append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-    return found
+def make_trainable(space: SearchSpace, trials_storage: str, hooks) -> Any:
+    trainable = tune.with_parameters(run_trial, space=space, trials_storage=trials_storage, hooks=list(hooks))
+    # The trial driver only waits on its TorchTrainer, whose workers reserve their own CPUs/GPUs: it asks for a little
+    # memory and no CPU, so N concurrent trials need exactly N x their workers' CPUs.
+    return tune.with_resources(trainable, tune.PlacementGroupFactory([{"memory": 256 * 2**20}]))
 
 
 class ReleaseOrphanedPlacementGroups(tune.Callback):
-    """Removes the placement groups of dead trial controllers (see `orphaned_placement_groups`) at most every
-    INTERVAL_S seconds while the study runs, so stopped trials give their CPUs/GPUs back at once."""
+    """Removes the placement groups of dead trial controllers (see `ray_internal.orphaned_placement_groups`) at most
+    every INTERVAL_S seconds while the study runs, so stopped trials give their CPUs/GPUs back at once."""
 
     def __init__(self, interval_s: float = 2.0):
         self.interval_s = interval_s
@@ -236,52 +82,7 @@ class ReleaseOrphanedPlacementGroups(tune.Callback):
                 pass
 
 
-def trial_state(last: dict, error, max_epochs: int) -> str:
-    """completed / completed (early stopping at epoch k) / stopped by ASHA at epoch k / failed: reason."""
-    epoch = int(last.get("epoch", 0) or 0)
-    if error is not None:
-        return f"failed: {one_line(root_cause(error))[:200]}"
-    if epoch >= max_epochs:
-        return "completed"
-    if last.get("early_stopped"):
-        return f"completed (early stopping at epoch {epoch})"
-    return f"stopped by ASHA at epoch {epoch}"
-
-
-def trial_error(trial) -> str:
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).is_file():
-        lines = [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-        for ln in reversed(lines):
-            if "TrainingError" in ln or "Error" in ln:
-                return ln.split("TrainingError: ", 1)[-1][:300]
-        return lines[-1][:300] if lines else "unknown error"
-    return "unknown error"
-
-
-def status_table(tracker: StudyTracker, trials) -> Any:
-    from rich.table import Table
-
-    t = Table(title=f"study {tracker.study}", show_lines=False)
-    for col in ("trial", "params", "epoch", tracker.space.metric, "best", "state"):
-        t.add_column(col)
-    for trial in trials:
-        st = tracker.trials.get(trial.trial_id, TrialState())
-        state = st.state if st.state != "running" else str(trial.status).lower()
-        t.add_row(trial.trial_id, ", ".join(f"{k}={_short(v)}" for k, v in st.params.items()), str(st.epoch),
-                  _short(st.value), _short(st.best), state)
-    return t
-
-
-def _short(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-# ---------------------------------------------------------------------------------------------------- results
+# ------------------------------------------------------------------------------------------------------ driver
 @dataclass
 class StudyResult:
     name: str
@@ -295,72 +96,48 @@ class StudyResult:
     interrupted: bool = False
 
 
-def leaderboard(results, space: SearchSpace) -> list[dict[str, Any]]:
-    rows = []
-    for r in results:
-        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
-        df = r.metrics_dataframe
-        values = df[space.metric].dropna().tolist() if df is not None and space.metric in df else []
-        best = (max if space.mode == "max" else min)(values) if values else None
-        epoch = int((r.metrics or {}).get("epoch", 0) or 0)
-        state = trial_state(r.metrics or {}, r.error, space.max_epochs)
-        rows.append({"trial_id": trial_id, space.metric: best, "epochs": epoch, "state": state,
-                     **{f"param.{k}": v for k, v in trial_overrides(r.config).items()}, "_config": r.config})
-    rows.sort(key=lambda row: (row[space.metric] is None,
-                               -(row[space.metric] or 0) if space.mode == "max" else (row[space.metric] or 0)))
-    return rows
+@dataclass(frozen=True)
+class StudyPlace:
+    """Where study NAME keeps its Tune state and trials: STORAGE/NAME, a local folder or under a URI (s3://, gs://)."""
+    name: str
+    storage: str
+
+    @property
+    def folder(self) -> Path | None:
+        return Path(self.storage) / self.name if "://" not in self.storage else None
+
+    @property
+    def experiment_path(self) -> str:
+        return str(self.folder) if self.folder else f"{self.storage}/{self.name}"
+
+    @property
+    def trials_storage(self) -> str:
+        return str(self.folder / "trials") if self.folder else f"{self.storage}/{self.name}/trials"
 
 
-def write_leaderboard_csv(rows: list[dict], path: Path) -> None:
-    import csv
-
-    keys = list(dict.fromkeys(k for row in rows for k in row if k != "_config"))
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: row.get(k) for k in keys})
-
-
-def optuna_plots(rows: list[dict], space: SearchSpace, out: Path) -> list[Path]:
-    """Optimisation history, parameter importances and parallel coordinates, from a study rebuilt from the results."""
-    import warnings
-
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(direction="maximize" if space.mode == "max" else "minimize")
-    for row in sorted(rows, key=lambda r: r["trial_id"]):
-        if row[space.metric] is None:
-            continue
-        # replay the trial through the space itself: Optuna records each parameter with its distribution
-        study.enqueue_trial(optuna_params(row["_config"]))
-        trial = study.ask()
-        space.define_by_run(trial)
-        study.tell(trial, row[space.metric])
-    made = []
-    from optuna.visualization import matplotlib as vis
-
-    for name, fn in (("optimization_history", vis.plot_optimization_history),
-                     ("param_importances", vis.plot_param_importances),
-                     ("parallel_coordinate", vis.plot_parallel_coordinate)):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = fn(study)
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-            path = out / f"{name}.png"
-            fig.savefig(path, dpi=90, bbox_inches="tight")
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-            made.append(path)
-        except Exception:  # e.g. importances need >= 2 finished trials with varying params
-            continue
-    return made
+def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | None = None, resume: bool = False,
+              address: str | None = None, verbose: bool = False, live: bool = True, hooks=()) -> StudyResult:
+    """Run (or with RESUME continue) the study of SPACE_PATH. HOOKS (picklable engine Hooks) run in every worker of
+    every trial. User mistakes raise before Ray starts."""
+    space = load_space(space_path, list(overrides))
+    check_study(space)
+    place = study_place(space.base_config, study_name(space_path, name), resume)
+    start_ray(space.base_config, address, verbose)
+    study_run = open_study_run(space, space_path, place.name, resume)
+    trial_runs = MLflowTrialLogger(space, place.name, study_run)
+    callbacks = study_callbacks(space, place.name, trial_runs, live)
+    results = fit_until_stopped(lambda: make_tuner(space, place, resume, hooks, callbacks))
+    if results is None:
+        if study_run:
+            close_interrupted_study(study_run, trial_runs)
+        return interrupted_result(place, study_run)
+    report = write_report(results, space, place.folder or Path(tempfile.mkdtemp()))
+    if study_run:
+        finish_study_run(study_run, report, space)
+    return finished_result(place, report, study_run, space.metric)
 
 
-# ------------------------------------------------------------------------------------------------------ driver
+# ---------------------------------------------------------------------------------------------- run_study's phases
 def study_name(space_path: str | Path, name: str | None) -> str:
     return name or Path(space_path).stem
 
@@ -377,144 +154,73 @@ def check_study(space: SearchSpace) -> None:
             preflight.check_model(cfg)
 
 
-def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | None = None, resume: bool = False,
-              address: str | None = None, verbose: bool = False, live: bool = True, hooks=()) -> StudyResult:
-    """Run (or with RESUME continue) the study of SPACE_PATH. HOOKS (picklable engine Hooks) run in every worker of
-    every trial. User mistakes raise before Ray starts."""
-    space = load_space(space_path, list(overrides))
-    check_study(space)
-    name = study_name(space_path, name)
-    base = space.base_config
-    storage = storage_root(base)
-    study_dir = Path(storage) / name if "://" not in storage else None
-    exists = study_dir.exists() if study_dir else False
+def study_place(base: Config, name: str, resume: bool) -> StudyPlace:
+    """Where the study lives; a UserError for a new study whose name is taken, or a resume of none."""
+    place = StudyPlace(name, storage_root(base))
+    exists = place.folder.exists() if place.folder else False
     if exists and not resume:
-        raise UserError(f"a study named {name!r} already exists under {storage}: use --resume to continue it, or "
-                        f"--name for a new one")
-    if resume and study_dir and not (study_dir / "tuner.pkl").exists():
-        raise UserError(f"no study named {name!r} under {storage} to resume")
+        raise UserError(f"a study named {name!r} already exists under {place.storage}: use --resume to continue it, "
+                        f"or --name for a new one")
+    if resume and place.folder and not (place.folder / "tuner.pkl").exists():
+        raise UserError(f"no study named {name!r} under {place.storage} to resume")
+    return place
 
+
+def start_ray(base: Config, address: str | None, verbose: bool) -> None:
+    """Connect to (or start) Ray, and check that it can hold one trial's workers."""
     init_ray(address, verbose)
     prestart_train_helpers()
     ray_scaling(base)
-    uri = parent = None
-    if base.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
-        parent = tracking.find_run(uri, base.tracking.experiment, name) if resume else None
-        if parent is None:
-            parent = tracking.start_run(base, name, uri=uri, tags={STUDY_TAG: name, "raysegtrain.kind": "study"})
-            c = tracking.client(uri)
-            settings = {k: v for k, v in space.to_dict()["resolved"].items() if k != "parameters"}
-            tracking.log_params(c, parent, flatten(settings, "study."))
-            c.log_artifact(parent, str(Path(space_path).resolve()), "study")
-        else:
-            tracking.client(uri).update_run(parent, status="RUNNING")
 
-    trials_storage = str(Path(storage) / name / "trials") if study_dir else f"{storage}/{name}/trials"
-    trainable = tune.with_parameters(run_trial, space=space, trials_storage=trials_storage, hooks=list(hooks))
-    # The trial driver only waits on its TorchTrainer, whose workers reserve their own CPUs/GPUs: it asks for a little
-    # memory and no CPU, so N concurrent trials need exactly N x their workers' CPUs.
-    trainable = tune.with_resources(trainable, tune.PlacementGroupFactory([{"memory": 256 * 2**20}]))
-    tracker = StudyTracker(uri, parent, space, name, live=live)
-    stop = GracefulStop()
+
+def study_callbacks(space: SearchSpace, name: str, trial_runs: MLflowTrialLogger, live: bool) -> list:
+    """Tune callbacks, run in the driver in this order: MLflow, the live status table (LIVE), placement groups."""
+    return [trial_runs, *([StudyStatusTable(space, name)] if live else []), ReleaseOrphanedPlacementGroups()]
+
+
+def make_tuner(space: SearchSpace, place: StudyPlace, resume: bool, hooks, callbacks: list) -> tune.Tuner:
+    """A new study's Tuner; or, on resume, the saved one (which keeps the callbacks it was saved with)."""
+    trainable = make_trainable(space, place.trials_storage, hooks)
+    if resume:
+        return tune.Tuner.restore(place.experiment_path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False)
+    searcher = OptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode,
+                            sampler=space.make_sampler(), points_to_evaluate=space.points_to_evaluate or None)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
+                                    max_concurrent_trials=space.max_concurrent_trials, search_alg=searcher,
+                                    scheduler=ASHAScheduler(**space.asha), time_budget_s=space.time_budget_s),
+        run_config=tune.RunConfig(name=place.name, storage_path=place.storage, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=0))
+
+
+def fit_until_stopped(make: Callable[[], tune.Tuner]):
+    """The results of the Tuner that MAKE builds, or None when Ctrl-C/SIGTERM stopped the study (Tune then saves its
+    state: resumable). A Ctrl-C while the Tuner is being built or restored counts as a stop too."""
+    stop = StopTuneOnSignal()
     try:
-        if resume:
-            tuner = tune.Tuner.restore(str(study_dir) if study_dir else f"{storage}/{name}", trainable=trainable,
-                                       resume_unfinished=True, resume_errored=False)
-        else:
-            searcher = OptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode,
-                                    sampler=space.make_sampler(), points_to_evaluate=space.points_to_evaluate or None)
-            scheduler = ASHAScheduler(**space.asha)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
-                                            max_concurrent_trials=space.max_concurrent_trials, search_alg=searcher,
-                                            scheduler=scheduler, time_budget_s=space.time_budget_s),
-                run_config=tune.RunConfig(name=name, storage_path=storage,
-                                          callbacks=[tracker, ReleaseOrphanedPlacementGroups()],
-                                          failure_config=tune.FailureConfig(max_failures=0), verbose=0))
+        tuner = make()
         with stop:
             results = tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C: no graceful stop wanted
-        results = None
-    interrupted = stop.requested
-
-    if results is None or interrupted:
-        if parent:
-            tracker.close_unfinished("KILLED")
-            tracking.end_run(uri, parent, "KILLED", {"state": "interrupted: resume with --resume"})
-        return StudyResult(name, str(study_dir or storage), None, None, None, [], parent, uri, interrupted=True)
-
-    rows = leaderboard(results, space)
-    best = next((r for r in rows if r[space.metric] is not None), None)
-    best_cfg_path = None
-    out_dir = Path(study_dir) if study_dir else Path(tempfile.mkdtemp())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_leaderboard_csv(rows, out_dir / "leaderboard.csv")
-    if best is not None:
-        best_cfg = space.trial_config(best["_config"])
-        best_cfg = best_cfg.model_copy(update={"run": best_cfg.run.model_copy(update={"name": None})})
-        best_cfg_path = out_dir / "best_config.yaml"
-        best_cfg.to_yaml(best_cfg_path)
-    if parent:
-        _finish_parent(uri, parent, rows, best, best_cfg_path, out_dir, space, name)
-    return StudyResult(name, str(out_dir), best["trial_id"] if best else None, best[space.metric] if best else None,
-                       str(best_cfg_path) if best_cfg_path else None, rows, parent, uri, interrupted=interrupted)
+        return None
+    return None if stop.requested else results
 
 
-def _finish_parent(uri, parent, rows, best, best_cfg_path, out_dir: Path, space: SearchSpace, name: str) -> None:
-    c = tracking.client(uri)
-    c.log_artifact(parent, str(out_dir / "leaderboard.csv"))
-    if best_cfg_path:
-        c.log_artifact(parent, str(best_cfg_path))
-    with tempfile.TemporaryDirectory() as d:
-        for p in optuna_plots(rows, space, Path(d)):
-            c.log_artifact(parent, str(p), "optuna")
-    counts: dict[str, int] = {}
-    for r in rows:
-        key = r["state"].split(":")[0].split(" at ")[0]
-        counts[key] = counts.get(key, 0) + 1
-    metrics = {f"trials_{k.replace(' ', '_')}": v for k, v in counts.items()}
-    if best is not None:
-        metrics[f"best_{space.metric}"] = best[space.metric]
-        child = _child_run(c, parent, best["trial_id"])
-        if child:
-            c.set_tag(child, "best_trial", "true")
-    tracking.log_metrics(c, parent, metrics, step=0)
-    tags = {"best_trial": best["trial_id"]} if best else {}
-    tracking.end_run(uri, parent, "FINISHED", tags)
+def interrupted_result(place: StudyPlace, study_run: StudyRun | None) -> StudyResult:
+    return StudyResult(place.name, str(place.folder or place.storage), None, None, None, [], *_run_ids(study_run),
+                       interrupted=True)
 
 
-def _child_run(c, parent: str, trial_id: str) -> str | None:
-    exp = c.get_run(parent).info.experiment_id
-    runs = c.search_runs([exp], filter_string=f"tags.`{TRIAL_TAG}` = '{trial_id}' and "
-                                              f"tags.`mlflow.parentRunId` = '{parent}'")
-    return runs[0].info.run_id if runs else None
+def finished_result(place: StudyPlace, report: StudyReport, study_run: StudyRun | None, metric: str) -> StudyResult:
+    best = report.best
+    return StudyResult(place.name, str(report.folder), best["trial_id"] if best else None,
+                       best[metric] if best else None,
+                       str(report.best_config_path) if report.best_config_path else None, report.rows,
+                       *_run_ids(study_run))
 
 
-class GracefulStop:
-    """Ctrl-C or SIGTERM: ask Tune to stop and save its state (Tune stops on SIGUSR1), and remember that we did, so
-    the study is reported as interrupted (resumable) rather than finished. A second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def _handler(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    def __enter__(self):
-        self._env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        if self._env is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = self._env
-        return False
+def _run_ids(study_run: StudyRun | None) -> tuple[str | None, str | None]:
+    """(parent run id, tracking URI) of a StudyResult."""
+    return (study_run.run_id, study_run.uri) if study_run else (None, None)

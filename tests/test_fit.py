@@ -170,7 +170,7 @@ def test_cli_fit_runs_end_to_end(tmp_path, tiny_cfg):
 
 def test_resources_are_checked_unless_the_autoscaler_is_to_add_them(tiny_cfg, ray_local):
     from raysegtrain.errors import ResourceError
-    from raysegtrain.train import ray_scaling
+    from raysegtrain.ray_support import ray_scaling
 
     with pytest.raises(ResourceError, match="no GPU"):
         ray_scaling(tiny_cfg("scaling.use_gpu=true"))
@@ -178,24 +178,3 @@ def test_resources_are_checked_unless_the_autoscaler_is_to_add_them(tiny_cfg, ra
         ray_scaling(tiny_cfg("scaling.num_workers=64"))
     waiting = ray_scaling(tiny_cfg("scaling.num_workers=64", "scaling.wait_for_resources=true"))
     assert waiting.num_workers == 64 and waiting.use_gpu and waiting.resources_per_worker == {"CPU": 1.0, "GPU": 1.0}
-
-
-def test_ray_trains_autoscaling_coordinator_is_started_ahead(ray_local):
-    # Ray-internal: if Ray moves it, prestart_train_helpers silently does nothing, and this test says so
-    import ray
-
-    from raysegtrain.train import prestart_train_helpers
-
-    name = dict(name="AutoscalingCoordinator", namespace="AutoscalingCoordinator")
-    try:  # an earlier fit's controller may have made it: remove it, so that only the prestart can bring it back
-        old = ray.get_actor(**name)
-    except ValueError:
-        old = None
-    if old is not None:
-        ray.kill(old, no_restart=True)
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(old.__ray_ready__.remote())
-        with pytest.raises(ValueError):
-            ray.get_actor(**name)
-    prestart_train_helpers()
-    assert ray.get(ray.get_actor(**name).__ray_ready__.remote()) is True

@@ -13,7 +13,8 @@ import yaml
 from raysegtrain import config, tracking
 from raysegtrain.errors import ConfigError, UserError
 from raysegtrain.train import fit
-from raysegtrain.tune import STUDY_TAG, TRIAL_TAG, run_study
+from raysegtrain.study_tracking import STUDY_TAG, TRIAL_TAG
+from raysegtrain.tune import run_study
 
 SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 
@@ -53,7 +54,7 @@ def test_smoke_study_asha_mlflow_and_best_config(tmp_path, ray_local):
     assert [ch.data.tags.get("best_trial") for ch in children].count("true") == 1
 
     # the best config is a fit config as it stands, and reruns to the same number (CPU, same seed)
-    best_cfg = config.load(result.best_config_path, [f"run.name=rerun"])
+    best_cfg = config.load(result.best_config_path, ["run.name=rerun"])
     rerun = fit(best_cfg)
     assert rerun.best_value == pytest.approx(result.best_value, abs=1e-4)
 
@@ -168,7 +169,8 @@ def test_placement_groups_of_dead_trial_controllers_are_released(ray_local):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from raysegtrain.tune import ReleaseOrphanedPlacementGroups, orphaned_placement_groups
+    from raysegtrain.ray_internal import orphaned_placement_groups
+    from raysegtrain.tune import ReleaseOrphanedPlacementGroups
 
     @ray.remote(num_cpus=0)
     class Controller:

@@ -123,7 +123,7 @@ def mask_dtype(cfg: DataConfig) -> type:
 
 def build_dataset(cfg: DataConfig, split: str, train: bool, root: Path | None = None) -> SegmentationDataset:
     """The split with the train (augmenting) or eval transform; its `normalizer` holds mean_std(cfg, root)."""
-    from .transforms import build_eval_transform, build_train_transform  # Albumentations: 0.5 s to import
+    from .transforms import build_eval_transform, build_train_transform  # Albumentations is slow to import: only here
 
     root = root or resolve_root(cfg)
     transform = (build_train_transform if train else build_eval_transform)(cfg)

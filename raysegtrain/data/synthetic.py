@@ -32,7 +32,6 @@ from ..errors import DataError
 CLASS_NAMES = ("background", "scratch", "crack", "spot")
 BINARY_CLASS_NAMES = ("background", "defect")
 SCRATCH, CRACK, SPOT = 1, 2, 3
-SPLITS = ("train", "val", "test")
 MARKER = "synthetic.json"  # written last into every generated root; names the parameters
 
 DEFECT_FREE_FRACTION = 0.15

@@ -26,7 +26,7 @@ from albumentations.pytorch import ToTensorV2
 from pydantic import ValidationError
 
 from ..config import DataConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 
 SIZE_DIVISOR = 32  # smp encoders downsample 5 times
 
@@ -178,7 +178,7 @@ def _one_line(e: Exception) -> str:
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("tuple[", "list[", "function")))
         msg = err["msg"].removeprefix("Value error, ")
         return f"{loc}: {msg}" if loc else msg
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return one_line(e, with_type=False)
 
 
 def _try_on_sample(cls: type, args: dict, label: str, in_channels: int, size_hw: tuple[int, int]) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import Config, TrainConfig, format_validation_error
+from ..config import Config, TrainConfig, format_validation_error, monitor_mode
 from ..errors import ConfigError
 
 
@@ -33,8 +33,8 @@ class Objective(_Settings):
         return v
 
     @property
-    def resolved_mode(self) -> str:
-        return self.mode or ("min" if self.metric.endswith("loss") else "max")
+    def monitor_mode(self) -> str:
+        return monitor_mode(self.metric, self.mode)
 
 
 class Budget(_Settings):

@@ -58,7 +58,7 @@ class SearchSpace:
 
     @property
     def mode(self) -> str:
-        return self.settings.objective.resolved_mode
+        return self.settings.objective.monitor_mode
 
     @property
     def num_samples(self) -> int:
