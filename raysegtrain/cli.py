@@ -224,7 +224,7 @@ def _reader_went_away() -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raysegtrain", description="Semantic-segmentation training on Ray, tracked in "
                                                                 "MLflow.")
-    from . import __version__
+    from .version import __version__
 
     p.add_argument("--version", action="version", version=f"raysegtrain {__version__}")
     sub = p.add_subparsers(dest="command", required=True)

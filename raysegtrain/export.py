@@ -59,7 +59,7 @@ def parity_shapes(loaded: LoadedModel) -> list[tuple[int, int, int, int]]:
 
 
 def model_metadata(loaded: LoadedModel) -> dict:
-    from . import __version__
+    from .version import __version__
 
     cfg = loaded.cfg
     return {"raysegtrain_version": __version__, "arch": cfg.model.arch, "encoder": cfg.model.encoder,

@@ -103,7 +103,7 @@ def run_tags(cfg: Config, extra: dict[str, str] | None = None) -> dict[str, str]
     import segmentation_models_pytorch as smp
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     tags = {
         "architecture": cfg.model.arch,
