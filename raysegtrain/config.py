@@ -34,6 +34,31 @@ MONITORABLE = ("val_iou", "val_dice", "val_loss", "val_precision", "val_recall",
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_booleans_as_words(cls, data):
+        """YAML 1.1 reads on/off/yes/no/true/false as booleans: give a word-valued field its word back
+        (`channels_last: on` means "on", `use_gpu: true` means "true")."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            if isinstance(value, bool) and field is not None:
+                words = _literal_words(field.annotation)
+                for word in (("on", "yes", "true") if value else ("off", "no", "false")):
+                    if word in words:
+                        data[name] = word
+                        break
+        return data
+
+
+def _literal_words(annotation) -> set[str]:
+    """The string values a field's type allows as Literal choices (inside Optional/Union too)."""
+    if get_origin(annotation) is Literal:
+        return {a for a in get_args(annotation) if isinstance(a, str)}
+    return set().union(*(_literal_words(a) for a in get_args(annotation))) if get_args(annotation) else set()
+
 
 # --------------------------------------------------------------------------------------------------------- data
 class SyntheticConfig(Section):
@@ -250,6 +275,10 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     seed: int = Field(42, description="seed for weights, sampling and augmentation")
     deterministic: bool = Field(False, description="deterministic algorithms (slower)")
+    cudnn_benchmark: Literal["auto", "on", "off"] = Field(
+        "auto", description="cuDNN autotuning: each new input shape and layer is timed once per process, then runs "
+                            "its fastest algorithm. auto: on unless deterministic; a study's default is off (a short "
+                            "trial can spend longer autotuning than training)")
     val_every: int = Field(1, ge=1, description="validate every N epochs (and on the last)")
     threshold: float = Field(0.5, gt=0, lt=1, description="binary: probability threshold for metrics")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap on training steps per epoch (smoke runs)")
@@ -288,11 +317,6 @@ class ScalingSettings(Section):
         False, description="skip the check against what the cluster has now and let the autoscaler add nodes "
                            "(use_gpu=auto then means GPUs)")
 
-    @field_validator("use_gpu", mode="before")
-    @classmethod
-    def _bool(cls, v):
-        return str(v).lower() if isinstance(v, bool) else v
-
 
 class RunSettings(Section):
     """The `run` section (named so as not to be read as Ray's `RunConfig`, which fit builds from it)."""
@@ -308,6 +332,10 @@ class RunSettings(Section):
     storage_path: str = Field("runs", description="checkpoints and Ray results: local folder, NFS path, s3:// or gs://")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure (-1 = unlimited)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept by Ray (best by monitor and the latest)")
+    checkpoint_every: int = Field(
+        1, ge=0, description="epochs between checkpoints; an improvement of the monitored metric and the run's last "
+                             "epoch always checkpoint, 0 = only those (a study's default: its trials' epochs are "
+                             "short, and a resume replays the epochs since the best exactly)")
 
     @field_validator("name")
     @classmethod

@@ -68,6 +68,8 @@ class SegmentationTrainer:
         # the copy on the compute stream scaled better (docs/benchmarks.md; `--only ...,variants` of
         # scripts/benchmark.py measures both)
         self.copy_on_side_stream = self.device.type == "cuda" and self.world_size == 1
+        # training processes that share this node's CPUs, for `data.loader_workers: auto` (None: the GPUs' ranks)
+        self.cpu_sharers: int | None = None
 
         # state that a checkpoint carries (BestMetricHook keeps best_value, best_epoch, bad_epochs and may set
         # stop_reason)
@@ -97,7 +99,7 @@ class SegmentationTrainer:
     def setup(self) -> None:
         """Build everything training needs, then apply the resume state given to the constructor."""
         mark = Stopwatch()
-        seed_everything(self.seed, deterministic=self.cfg.train.deterministic)
+        seed_everything(self.seed, self.cfg.train.deterministic, self.cfg.train.cudnn_benchmark)
         self.train_set, self.val_set = self.build_datasets()
         mark("datasets")
         self.normalizer = input_normalizer(self.train_set, self.cfg.data)  # uint8 batches -> model input, on device
@@ -130,7 +132,7 @@ class SegmentationTrainer:
     def setup_validation(self) -> None:
         """Only what validation needs, to score a trained model (`evaluate`): the validation set and loader, model,
         loss and meter; no training set, optimizer or schedule."""
-        seed_everything(self.seed, deterministic=self.cfg.train.deterministic)
+        seed_everything(self.seed, self.cfg.train.deterministic, self.cfg.train.cudnn_benchmark)
         self.val_set = self.build_val_set()
         self.normalizer = input_normalizer(self.val_set, self.cfg.data)
         self.val_loader = self.build_val_loader()
@@ -162,7 +164,7 @@ class SegmentationTrainer:
             return int(w)
         if self.device.type != "cuda":
             return 0
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
+        local = self.cpu_sharers or int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count() or 1))
         return max(2, min(16, usable_cpus() // max(1, local) - 1))
 
     def _loader_options(self) -> dict[str, Any]:

@@ -59,7 +59,8 @@ class StopTraining(Exception):
 # ---------------------------------------------------------------------------------------------------- timing
 class EpochTimingHook(Hook):
     """Each epoch's training part (validation excluded): epoch_time_s, images_per_s, data_wait_share (the share of
-    it spent waiting for the input pipeline) and, on CUDA, peak_gpu_gib."""
+    it spent waiting for the input pipeline) and, on CUDA, peak_gpu_gib; and epoch_wall_s, the whole epoch with
+    validation (what a study's "time inside epochs" adds up)."""
 
     def before_epoch(self) -> None:
         t = self.trainer
@@ -87,7 +88,7 @@ class EpochTimingHook(Hook):
         if self.trained is None:  # the loader ran out before the planned last step
             self._end_training()
         elapsed = self.trained - self.start
-        metrics.update(epoch_time_s=elapsed, images_per_s=self.images / elapsed if elapsed > 0 else float("nan"),
+        metrics.update(epoch_wall_s=time.perf_counter() - self.start, epoch_time_s=elapsed, images_per_s=self.images / elapsed if elapsed > 0 else float("nan"),
                        data_wait_share=self.waited / elapsed if elapsed > 0 else float("nan"))
         if self.peak_gib is not None:
             metrics["peak_gpu_gib"] = self.peak_gib
@@ -127,7 +128,8 @@ class StartupTimingHook(Hook):
 
     def figures(self) -> dict[str, float]:
         out = {"first_step_s": self.first_batch - self.t0, "startup_launch_s": self.created - self.t0,
-               "startup_setup_s": self.set_up - self.created, "startup_first_batch_s": self.first_batch - self.set_up}
+               "startup_setup_s": self.set_up - self.created, "startup_first_batch_s": self.first_batch - self.set_up,
+               "first_batch_time": self.first_batch}
         if self.submitted is not None:  # launch = the caller's own preparation + starting this process
             out.update(startup_driver_s=self.submitted - self.t0, startup_workers_s=self.created - self.submitted)
             out.update({f"startup_driver_{stage}_s": s for stage, s in self.driver_stages.items()})

@@ -63,6 +63,14 @@ class StopOnSignal:
         return False
 
 
+_study_stop_signal: int | None = None
+
+
+def study_stop_signal() -> int | None:
+    """The signal that stopped the study running in this process (None: it was not stopped by one)."""
+    return _study_stop_signal
+
+
 class StopTuneOnSignal(StopOnSignal):
     """For a Ray Tune study: the first SIGINT or SIGTERM sends SIGUSR1 to this process, on which Tune stops its trials
     and saves the experiment's state, so that the study can be resumed; `requested` then tells the caller that the
@@ -83,9 +91,13 @@ class StopTuneOnSignal(StopOnSignal):
 
     @staticmethod
     def _ask_tune_to_stop(signum: int) -> None:
+        global _study_stop_signal
+        _study_stop_signal = signum
         os.kill(os.getpid(), signal.SIGUSR1)
 
     def __enter__(self):
+        global _study_stop_signal
+        _study_stop_signal = None
         self._env = os.environ.get(self.TUNE_SIGINT_ENV)
         os.environ[self.TUNE_SIGINT_ENV] = "1"
         return super().__enter__()

@@ -48,15 +48,14 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
+def seed_everything(seed: int, deterministic: bool = False, cudnn_benchmark: str = "auto") -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+    # both ways: these are process-wide, and a process may train several runs (a warm study's trials)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    autotune = cudnn_benchmark == "on" or (cudnn_benchmark == "auto" and not deterministic)
+    torch.backends.cudnn.benchmark = autotune and not deterministic and torch.cuda.is_available()
 
 
 def usable_cpus() -> int:

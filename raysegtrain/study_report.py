@@ -24,9 +24,11 @@ class StudyReport:
     best_config_path: Path | None
 
 
-def write_report(results, space: SearchSpace, out_dir: Path) -> StudyReport:
-    """The leaderboard of RESULTS (a Tune ResultGrid) and the best config, written into OUT_DIR."""
-    rows = leaderboard(results, space)
+def write_report(results, space: SearchSpace, out_dir: Path, states: dict[str, str] | None = None) -> StudyReport:
+    """The leaderboard of RESULTS (a Tune ResultGrid) and the best config, written into OUT_DIR. STATES: what the
+    study's callbacks saw of each trial's end ({trial id: state}), which results alone cannot tell (a trial cut by the
+    time budget)."""
+    rows = leaderboard(results, space, states or {})
     best = next((r for r in rows if r[space.metric] is not None), None)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_leaderboard_csv(rows, out_dir / LEADERBOARD_CSV)
@@ -34,7 +36,7 @@ def write_report(results, space: SearchSpace, out_dir: Path) -> StudyReport:
     return StudyReport(rows, best, out_dir, out_dir / LEADERBOARD_CSV, best_cfg_path)
 
 
-def leaderboard(results, space: SearchSpace) -> list[dict[str, Any]]:
+def leaderboard(results, space: SearchSpace, states: dict[str, str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
@@ -43,6 +45,8 @@ def leaderboard(results, space: SearchSpace) -> list[dict[str, Any]]:
         best = (max if space.mode == "max" else min)(values) if values else None
         epoch = int((r.metrics or {}).get("epoch", 0) or 0)
         state = trial_state(r.metrics or {}, r.error, space.max_epochs)
+        if r.error is None and (states or {}).get(trial_id, "").startswith("stopped:"):
+            state = states[trial_id]
         rows.append({"trial_id": trial_id, space.metric: best, "epochs": epoch, "state": state,
                      **{f"param.{k}": v for k, v in trial_overrides(r.config).items()}, "_config": r.config})
     rows.sort(key=lambda row: (row[space.metric] is None,

@@ -14,10 +14,11 @@ from . import tracking
 from .config import flatten
 from .search_space import SearchSpace
 from .study_report import StudyReport, optuna_plots, state_counts
-from .study_trials import TrialProgress, TrialProgressCallback
+from .study_trials import TrialProgress, TrialProgressCallback, trial_number
 
 TRIAL_TAG = "raysegtrain.trial_id"
 STUDY_TAG = "raysegtrain.study"
+RUNTIME_TAG = "raysegtrain.trial_runtime"
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def open_study_run(space: SearchSpace, space_path: str | Path, name: str, resume
 
 
 def close_interrupted_study(run: StudyRun, trial_runs: MLflowTrialLogger) -> None:
-    trial_runs.close_unfinished("KILLED")
+    trial_runs.close_unfinished()
     tracking.end_run(run.uri, run.run_id, "KILLED", {"state": "interrupted: resume with --resume"})
 
 
@@ -116,10 +117,11 @@ class MLflowTrialLogger(TrialProgressCallback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         st = self.progress(trial)
-        if st.startup_s is None and st.started:
-            st.startup_s = time.time() - st.started
+        if st.startup_s is None and st.started and result.get("first_batch_time"):
+            # from the trial's start (its actor up, or reused) to its first training batch in hand
+            st.startup_s = float(result["first_batch_time"]) - st.started
             if self.client and st.run_id:
-                tracking.log_metrics(self.client, st.run_id, {"startup_s": st.startup_s}, step=0)
+                tracking.log_metrics(self.client, st.run_id, {"trial_startup_s": st.startup_s}, step=0)
         super().on_trial_result(iteration, trials, trial, result, **info)
         if self.client and st.run_id:
             tracking.log_metrics(self.client, st.run_id, result, step=st.epoch)
@@ -132,17 +134,23 @@ class MLflowTrialLogger(TrialProgressCallback):
         super().on_trial_error(iteration, trials, trial, **info)
         self._close_child(self.progress(trial), "FAILED")
 
-    def close_unfinished(self, status: str) -> None:
-        """Runs of trials that were still going when the study stopped (a resume reopens them)."""
+    def on_trial_cut(self, trial, st: TrialRun) -> None:
+        self._close_child(st, "KILLED")
+
+    def close_unfinished(self) -> None:
+        """Runs of trials still open when the study stopped without ending its experiment (a second Ctrl-C): KILLED,
+        as a resume reopens them."""
         for st in self.trials.values():
-            if st.state == "running" and self.client and st.run_id:
-                tracking.end_run(self.uri, st.run_id, status, {"state": "interrupted"})
+            if not st.ended and self.client and st.run_id:
+                st.state, st.ended = f"stopped: interrupted at epoch {st.epoch}", True
+                self._close_child(st, "KILLED")
 
     def _open_child(self, trial, st: TrialRun) -> str:
         cfg = self.space.trial_config(trial.config)
-        run_id = tracking.start_run(cfg, f"{self.study}/{trial.trial_id}", uri=self.uri,
+        run_id = tracking.start_run(cfg, child_run_name(trial, cfg), uri=self.uri,
                                     parent_run_id=self.parent_run_id,
-                                    tags={TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study})
+                                    tags={TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study,
+                                          RUNTIME_TAG: self.space.runtime})
         tracking.log_params(self.client, run_id, {f"sampled.{k}": v for k, v in st.params.items()})
         return run_id
 
@@ -155,3 +163,8 @@ class MLflowTrialLogger(TrialProgressCallback):
         if st.best is not None:
             tags[f"best_{self.space.metric}"] = f"{st.best:.6g}"
         tracking.end_run(self.uri, st.run_id, status, tags)
+
+
+def child_run_name(trial, cfg) -> str:
+    """What a trial is, for the MLflow runs table: `0007 deeplabv3plus/resnet18`."""
+    return f"{trial_number(trial):04d} {cfg.model.arch}/{cfg.model.encoder}"

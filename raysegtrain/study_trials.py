@@ -30,6 +30,8 @@ def trial_state(last: dict, error, max_epochs: int) -> str:
         return f"failed: {one_line(root_cause(error))[:200]}"
     if epoch >= max_epochs:
         return "completed"
+    if epoch == 0:
+        return "stopped before its first epoch"
     if last.get("early_stopped"):
         return f"completed (early stopping at epoch {epoch})"
     return f"stopped by ASHA at epoch {epoch}"
@@ -47,35 +49,58 @@ def trial_error(trial) -> str:
     return "unknown error"
 
 
+def trial_number(trial) -> int:
+    """The trial's place in the study, 1, 2, ...: Tune's experiment tag starts with it (`3_lr=0.001,...`)."""
+    head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 @dataclass
 class TrialProgress:
     params: dict[str, Any] = field(default_factory=dict)
     epoch: int = 0
     value: float | None = None
     best: float | None = None
+    best_epoch: int | None = None
     best_checkpoint: str | None = None
     state: str = "running"
+    ended: bool = False  # completed, stopped by ASHA, failed, or cut when the study stopped
 
 
 class TrialProgressCallback(tune.Callback):
     """A Tune callback (in the driver) that keeps a `progress_type` record per trial id in `trials`; subclasses act on
-    each event after calling this class's handler, so that the record is current."""
+    each event after calling this class's handler, so that the record is current.
+
+    On `--resume` Tune brings back the callbacks it saved with the study, not the ones the driver built this time:
+    each instance registers itself in `live` when the experiment starts, for the driver to read after `fit`."""
 
     progress_type = TrialProgress
+    live: dict[type, "TrialProgressCallback"] = {}
 
     def __init__(self, space: SearchSpace, study: str):
         self.space, self.study = space, study
         self.trials: dict[str, TrialProgress] = {}
 
+    @classmethod
+    def running_instance(cls, fallback: "TrialProgressCallback") -> "TrialProgressCallback":
+        """The instance of this class that the last experiment ran with (FALLBACK when none ran)."""
+        return cls.live.get(cls, fallback)
+
+    def setup(self, **info):
+        TrialProgressCallback.live[type(self)] = self
+
     def progress(self, trial) -> TrialProgress:
         return self.trials.setdefault(trial.trial_id, self.progress_type())
+
+    def states(self) -> dict[str, str]:
+        return {trial_id: st.state for trial_id, st in self.trials.items()}
 
     def _better(self, a: float, b: float | None) -> bool:
         return b is None or (a > b if self.space.mode == "max" else a < b)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         st = self.progress(trial)
-        st.state = "running"
+        st.state, st.ended = "running", False
         st.params = trial_overrides(trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -85,10 +110,34 @@ class TrialProgressCallback(tune.Callback):
         if isinstance(value, (int, float)) and math.isfinite(value):
             st.value = float(value)
             if self._better(st.value, st.best):
-                st.best, st.best_checkpoint = st.value, result.get(CHECKPOINT_PATH_KEY)
+                st.best, st.best_epoch = st.value, st.epoch
+                st.best_checkpoint = result.get(CHECKPOINT_PATH_KEY)  # a TorchTrainer trial's checkpoint
+
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """A warm trial's checkpoint, persisted by Tune after the result it came with: the best one when that
+        result's epoch is the best epoch."""
+        st = self.progress(trial)
+        if st.best_epoch is not None and int((trial.last_result or {}).get("epoch", -1)) == st.best_epoch:
+            st.best_checkpoint = checkpoint.path
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.progress(trial).state = trial_state(trial.last_result or {}, None, self.space.max_epochs)
+        st = self.progress(trial)
+        st.state, st.ended = trial_state(trial.last_result or {}, None, self.space.max_epochs), True
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.progress(trial).state = f"failed: {trial_error(trial)}"
+        st = self.progress(trial)
+        st.state, st.ended = f"failed: {trial_error(trial)}", True
+
+    def on_experiment_end(self, trials, **info):
+        """Trials the study's end cut short (its time budget, or Ctrl-C/SIGTERM) say so, with their epoch."""
+        from .interrupt import study_stop_signal
+
+        cause = "interrupted" if study_stop_signal() is not None else "time budget"
+        for trial in trials:
+            st = self.trials.get(trial.trial_id)
+            if st is not None and not st.ended:
+                st.state, st.ended = f"stopped: {cause} at epoch {st.epoch}", True
+                self.on_trial_cut(trial, st)
+
+    def on_trial_cut(self, trial, st: TrialProgress) -> None:
+        """A running trial the study's end cut short (its state says how); for subclasses."""

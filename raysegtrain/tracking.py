@@ -24,7 +24,8 @@ from .config import Config
 
 DEFAULT_DB = "mlflow.db"
 NON_METRIC_KEYS = {"is_best", "checkpoint_score", "early_stopped", "done", "training_iteration", "time_this_iter_s",
-                   "time_total_s", "timestamp", "pid", "time_since_restore", "iterations_since_restore"}
+                   "time_total_s", "timestamp", "pid", "worker_pid", "first_batch_time",
+                   "time_since_restore", "iterations_since_restore"}
 
 
 # ---------------------------------------------------------------------------------------- the store, experiments

@@ -8,8 +8,10 @@ Everything here is pickled to, and runs in, the workers; the driver side is `tra
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,10 +26,14 @@ from ray.train import Checkpoint
 
 
 class RayReportHook(Hook):
-    """Every epoch: `ray.train.report` on every rank; rank 0 attaches the checkpoint (and figure data)."""
+    """Every epoch: REPORT (`ray.train.report`, or `ray.tune.report` in a warm trial) on every rank, with the epoch's
+    metrics, `checkpoint_score` (what checkpoint retention ranks by), `early_stopped`, `worker_pid` and the
+    FIRST_REPORT extras on the first report; rank 0 attaches the checkpoint (and figure data)."""
 
-    def __init__(self, num_overlays: int):
+    def __init__(self, num_overlays: int, report: Callable | None = None, first_report: dict | None = None):
         self.num_overlays = num_overlays
+        self.report = report or ray.train.report
+        self.first_report = dict(first_report or {})
 
     def after_epoch(self, metrics: dict[str, float]) -> None:
         t = self.trainer
@@ -36,8 +42,11 @@ class RayReportHook(Hook):
         score = report.get(t.monitor, worst)
         report["checkpoint_score"] = score if math.isfinite(score) else worst
         report["early_stopped"] = float(bool(t.stop_reason and t.stop_reason.startswith("early stopping")))
-        if not t.is_main:
-            ray.train.report(report, checkpoint=None)
+        report["worker_pid"] = float(os.getpid())
+        report.update(self.first_report)
+        self.first_report = {}
+        if not t.is_main or not self.wants_checkpoint(metrics):
+            self.report(report, checkpoint=None)
             return
         with tempfile.TemporaryDirectory(prefix="raysegtrain-ckpt-") as d:
             save_checkpoint(t.state_dict(), d)
@@ -45,7 +54,15 @@ class RayReportHook(Hook):
                 from .plots import VIZ_FILE
 
                 np.savez_compressed(Path(d) / VIZ_FILE, **t.visual_samples(self.num_overlays))
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(d))
+            self.report(report, checkpoint=Checkpoint.from_directory(d))
+
+
+    def wants_checkpoint(self, metrics: dict[str, float]) -> bool:
+        """Every `run.checkpoint_every` epochs, and whenever the monitored metric improved or the run ends here."""
+        t = self.trainer
+        every = t.cfg.run.checkpoint_every
+        return (bool(metrics.get("is_best")) or t.epoch >= t.epochs or t.stop_reason is not None
+                or (every > 0 and t.epoch % every == 0))
 
 
 class ProgressHook(Hook):

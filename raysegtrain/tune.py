@@ -1,7 +1,9 @@
-"""`tune`: a Ray Tune study (OptunaSearch + ASHA) whose every trial is a `fit` (its own TorchTrainer), in MLflow.
+"""`tune`: a Ray Tune study (OptunaSearch + ASHA) whose every trial trains the shared loop, in MLflow.
 
-The trainable is a plain function that builds a `TorchTrainer` from the trial's config and calls `fit()`; Ray's
-`TuneReportCallback` carries each epoch's metrics from Train to Tune. Around it, Tune callbacks in the driver, one
+How a trial runs (`trial.runtime`, resolved by the space): "warm", for one worker per trial, trains inside the
+trial's Tune actor, which Tune reuses for the next trial (warm_trial.py); "trainer", for DDP trials, is a plain
+function that builds a `TorchTrainer` from the trial's config and calls `fit()`, Ray's `TuneReportCallback` carrying
+each epoch's metrics from Train to Tune. Around it, Tune callbacks in the driver, one
 job each: `MLflowTrialLogger` (study_tracking.py) is the study's one MLflow writer (a parent run for the study and a
 nested child run per trial), `StudyStatusTable` (study_status.py) prints the live status, and
 `ReleaseOrphanedPlacementGroups` gives stopped trials' CPUs/GPUs back. study_report.py writes the leaderboard, the
@@ -10,6 +12,7 @@ best config and Optuna's plots.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from .ray_support import build_trainer, init_ray, prestart_train_helpers, ray_sc
 from .search_space import SearchSpace, load_space
 from .study_report import StudyReport, write_report
 from .study_status import StudyStatusTable
+from .study_trials import TrialProgressCallback
 from .study_tracking import (MLflowTrialLogger, StudyRun, close_interrupted_study,
                              finish_study_run, open_study_run)
 
@@ -54,9 +58,18 @@ def run_trial(config: dict, space: SearchSpace, trials_storage: str, hooks=()) -
 
 
 def make_trainable(space: SearchSpace, trials_storage: str, hooks) -> Any:
+    """The trainable of SPACE's runtime. warm: the trial's Tune actor trains, so it reserves the worker's CPUs and GPU
+    share itself. trainer: the trial driver only waits on its TorchTrainer, whose workers reserve their own CPUs/GPUs,
+    so it asks for a little memory and no CPU, and N concurrent trials need exactly N x their workers' CPUs."""
+    if space.runtime == "warm":
+        from .warm_trial import run_warm_trial
+
+        scaling = ray_scaling(space.base_config)
+        trainable = tune.with_parameters(run_warm_trial, space=space, use_gpu=scaling.use_gpu,
+                                         concurrent=space.max_concurrent_trials, hooks=list(hooks))
+        bundle = {k: v for k, v in scaling.resources_per_worker.items() if v}
+        return tune.with_resources(trainable, tune.PlacementGroupFactory([bundle]))
     trainable = tune.with_parameters(run_trial, space=space, trials_storage=trials_storage, hooks=list(hooks))
-    # The trial driver only waits on its TorchTrainer, whose workers reserve their own CPUs/GPUs: it asks for a little
-    # memory and no CPU, so N concurrent trials need exactly N x their workers' CPUs.
     return tune.with_resources(trainable, tune.PlacementGroupFactory([{"memory": 256 * 2**20}]))
 
 
@@ -123,15 +136,18 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
     check_study(space)
     place = study_place(space.base_config, study_name(space_path, name), resume)
     start_ray(space.base_config, address, verbose)
+    print(study_header(space, place.name), file=sys.stderr)
     study_run = open_study_run(space, space_path, place.name, resume)
     trial_runs = MLflowTrialLogger(space, place.name, study_run)
     callbacks = study_callbacks(space, place.name, trial_runs, live)
+    TrialProgressCallback.live.clear()
     results = fit_until_stopped(lambda: make_tuner(space, place, resume, hooks, callbacks))
+    trial_runs = MLflowTrialLogger.running_instance(trial_runs)  # on --resume, the one Tune restored
     if results is None:
         if study_run:
             close_interrupted_study(study_run, trial_runs)
         return interrupted_result(place, study_run)
-    report = write_report(results, space, place.folder or Path(tempfile.mkdtemp()))
+    report = write_report(results, space, place.folder or Path(tempfile.mkdtemp()), trial_runs.states())
     if study_run:
         finish_study_run(study_run, report, space)
     return finished_result(place, report, study_run, space.metric)
@@ -173,6 +189,18 @@ def start_ray(base: Config, address: str | None, verbose: bool) -> None:
     ray_scaling(base)
 
 
+def study_header(space: SearchSpace, name: str) -> str:
+    """The study's set-up in one line, with how its trials run (the resolved trial.runtime)."""
+    s, workers = space.base_config.scaling, space.base_config.scaling.num_workers
+    how = ("warm: each trial trains in its Tune actor, reused by the next trial" if space.runtime == "warm"
+           else f"trainer: a TorchTrainer of {workers} worker(s) per trial")
+    budget = f"{space.num_samples} trials" if space.num_samples > 0 else "trials"
+    if space.time_budget_s:
+        budget += f" within {space.time_budget_s:g} s"
+    return (f"study {name}: {budget}, {space.max_concurrent_trials} at a time, {s.cpus_per_worker:g} CPU"
+            f"{f' + {s.gpus_per_worker:g} GPU' if s.use_gpu != 'false' else ''} per worker; trial runtime {how}")
+
+
 def study_callbacks(space: SearchSpace, name: str, trial_runs: MLflowTrialLogger, live: bool) -> list:
     """Tune callbacks, run in the driver in this order: MLflow, the live status table (LIVE), placement groups."""
     return [trial_runs, *([StudyStatusTable(space, name)] if live else []), ReleaseOrphanedPlacementGroups()]
@@ -186,13 +214,21 @@ def make_tuner(space: SearchSpace, place: StudyPlace, resume: bool, hooks, callb
                                   resume_errored=False)
     searcher = OptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode,
                             sampler=space.make_sampler(), points_to_evaluate=space.points_to_evaluate or None)
+    warm, base = space.runtime == "warm", space.base_config
+    # warm trials report checkpoints to Tune, which keeps the best `keep_checkpoints` by score (and the latest, to
+    # resume from); a TorchTrainer trial keeps its own the same way
+    checkpoints = tune.CheckpointConfig(num_to_keep=base.run.keep_checkpoints,
+                                        checkpoint_score_attribute="checkpoint_score",
+                                        checkpoint_score_order=space.mode) if warm else None
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=space.num_samples,
                                     max_concurrent_trials=space.max_concurrent_trials, search_alg=searcher,
-                                    scheduler=ASHAScheduler(**space.asha), time_budget_s=space.time_budget_s),
+                                    scheduler=ASHAScheduler(**space.asha), time_budget_s=space.time_budget_s,
+                                    reuse_actors=warm),
         run_config=tune.RunConfig(name=place.name, storage_path=place.storage, callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=0))
+                                  failure_config=tune.FailureConfig(max_failures=0), checkpoint_config=checkpoints,
+                                  verbose=0))
 
 
 def fit_until_stopped(make: Callable[[], tune.Tuner]):

@@ -13,8 +13,9 @@ For each model (default U-Net/ResNet-34, DeepLabV3+/ResNet-50, FPN/EfficientNet-
   6. startup   seconds from the `raysegtrain fit` command to its first training step (split into the driver's part,
                launching the worker, building data/model, the first batch), with a local Ray and against a running
                head, next to Ray's own floor (a TorchTrainer whose train function does nothing); with --only
-               ...,setup also the worker's setup stages; Ray Train's logs go to $OUT/startup-logs.tar. study: the
-               same inside each trial of a small study
+               ...,setup also the worker's setup stages; Ray Train's logs go to $OUT/startup-logs.tar.
+  7. study     scripts/study_bench.py: one study (study_bench.yaml, 300 s budget) with a TorchTrainer per trial and
+               with warm trials: trial-epochs per GPU-hour, per-trial start-up, share of time inside epochs
 Throughput of a fit is the median images/s of its epochs after the first (warm-up, cudnn autotuning); "GPU busy" is
 nvidia-smi's utilisation of the fit's GPUs sampled every 100 ms inside those epochs' training windows; "data wait"
 the share of those epochs the loop stood waiting for the loader. The dataset holds --steps batches per GPU at the
@@ -31,7 +32,6 @@ import os
 import glob
 import gzip
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -407,32 +407,6 @@ def ray_cli(*args: str, check: bool = True) -> None:
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], capture_output=True, text=True, check=check)
 
 
-def study_startup(common: list[str], work: Path, trials: int = 8, concurrent: int = 4, gpu: bool = True) -> dict:
-    """A small study on fractional GPUs (search_spaces/smoke.yaml, capped steps): each trial's start-up, from its
-    trial driver starting to its first training step, with the parts; and the study's wall time."""
-    cpus = max(1, ((os.cpu_count() or 4) - 2) // concurrent)
-    cmd = [sys.executable, "-m", "raysegtrain", "tune", str(ROOT / "search_spaces" / "smoke.yaml"), *common,
-           f"budget.num_samples={trials}", f"max_concurrent_trials={concurrent}", f"trial.use_gpu={str(gpu).lower()}",
-           *([f"trial.gpus_per_worker={1 / concurrent}"] if gpu else []), f"trial.cpus_per_worker={cpus}",
-           f"data.loader_workers={max(1, cpus - 1)}", "train.max_steps_per_epoch=10", "asha.max_epochs=2",
-           "model.encoder=resnet18", "tracking.enabled=true", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    work = work / "study"  # its own MLflow store
-    work.mkdir()
-    t = time.time()
-    proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
-    out = {"study_wall_s": round(time.time() - t, 1), "trials": trials, "concurrent": concurrent}
-    if proc.returncode:
-        return {**out, "error": proc.stderr.strip().splitlines()[-1:] or proc.returncode}
-    con = sqlite3.connect(work / "mlflow.db")
-    for key in STARTUP_KEYS:
-        values = sorted(v for (v,) in con.execute("select value from metrics where key=?", (key,)))
-        if values:
-            out[key] = {"median": round(statistics.median(values), 2), "min": round(values[0], 2),
-                        "max": round(values[-1], 2), "n": len(values)}
-    return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="unet:resnet34,deeplabv3plus:resnet50,fpn:efficientnet-b0")
@@ -583,8 +557,12 @@ def main() -> int:
             ray.shutdown()
             ray_cli("stop", "--force", check=False)
         emit({"model": "-", "row": "6 bare TorchTrainer, local Ray", "gpus": 1, **bare_trainer_startup(work)})
-        if "study" in only:
-            emit({"model": "smoke study", "row": "6 trial start-up", **study_startup(common, work)})
+        if "study" in only:  # scripts/study_bench.py: the same study with each trial runtime
+            from study_bench import run_study as study_throughput
+
+            for runtime in ("trainer", "warm"):
+                emit({"model": "study_bench.yaml", "row": f"7 study, {runtime} trials",
+                      **study_throughput(runtime, work / "study", 300, [])})
 
     print(f"\n{card} x {torch.cuda.device_count()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"{'model':28} {'row':44} {'gpus':>4} {'img/s':>8} {'ratio':>6} {'eff':>5} {'busy':>5} {'wait':>5} "

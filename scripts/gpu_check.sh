@@ -39,7 +39,7 @@ for name in ("fit", "tune"):
 db = glob.glob("mlflow.db")
 if db:
     con = sqlite3.connect(db[0])
-    rows = con.execute("select value from metrics where key='startup_s'").fetchall()
+    rows = con.execute("select value from metrics where key='trial_startup_s'").fetchall()
     if rows:
         s = sorted(r[0] for r in rows)
         print(f"per-trial start-up s: n={len(s)} median {statistics.median(s):.1f} min {s[0]:.1f} max {s[-1]:.1f}")

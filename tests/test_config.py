@@ -91,3 +91,16 @@ def test_every_default_is_documented():
         key, _, comment = line.partition("#")
         assert comment.strip(), f"undocumented: {key}"
     assert "optim.lr = 0.0003" in text
+
+
+def test_yaml_booleans_read_as_the_words_they_were(tmp_path):
+    """YAML 1.1 turns on/off/true/false into booleans: word-valued keys get their word back, in a file and on the
+    command line; a real boolean key stays a boolean."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {channels_last: on, cudnn_benchmark: off, amp: off, deterministic: yes}\n"
+                 "scaling: {use_gpu: false}\n")
+    cfg = config.load(f, ["train.channels_last=off"])
+    assert (cfg.train.channels_last, cfg.train.cudnn_benchmark, cfg.train.amp) == ("off", "off", "off")
+    assert cfg.scaling.use_gpu == "false" and cfg.train.deterministic is True
+    with pytest.raises(ConfigError, match="channels_last"):
+        config.load(None, ["train.channels_last=sometimes"])

@@ -2,6 +2,7 @@
 start-up figures, building at fit, validation that trains nothing."""
 
 import copy
+import os
 import time
 
 import pytest
@@ -223,3 +224,38 @@ def test_evaluation_builds_no_training_set_nor_optimizer(tiny_cfg, tmp_path, mon
     metrics = evaluate_checkpoint(tmp_path, device="cpu")
     assert built == [False]  # the validation split only
     assert metrics == pytest.approx(expected, nan_ok=True)
+
+
+def test_a_run_leaves_no_process_wide_algorithm_settings_to_the_next(tiny_cfg):
+    """deterministic and cuDNN autotuning are process-wide: a later run in the same process (a warm study's next
+    trial) gets its own settings, not the previous run's."""
+    from raysegtrain.runtime import seed_everything
+
+    seed_everything(0, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    seed_everything(0, deterministic=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.benchmark == torch.cuda.is_available()
+    seed_everything(0, deterministic=False, cudnn_benchmark="off")
+    assert not torch.backends.cudnn.benchmark
+
+
+@pytest.mark.parametrize("every,expected", [(1, [1, 2, 3, 4]), (0, [1, 4]), (2, [1, 2, 4])])
+def test_reports_carry_checkpoints_every_n_epochs_on_improvement_and_at_the_end(tiny_cfg, every, expected):
+    """RayReportHook with a recording report function: which epochs' reports carry a checkpoint."""
+    from raysegtrain.train_worker import RayReportHook
+
+    sent = []
+    cfg = tiny_cfg("train.epochs=4", f"run.checkpoint_every={every}")
+
+    class OnlyFirstImproves(Hook):
+        def after_epoch(self, metrics):
+            metrics["is_best"] = float(metrics["epoch"] == 1)
+
+    def report(metrics, checkpoint=None):
+        sent.append((int(metrics["epoch"]), checkpoint is not None, metrics["worker_pid"]))
+
+    SegmentationTrainer(cfg, [OnlyFirstImproves(), RayReportHook(0, report=report)], device="cpu").fit()
+    assert [epoch for epoch, has_checkpoint, _ in sent if has_checkpoint] == expected
+    assert [epoch for epoch, *_ in sent] == [1, 2, 3, 4]
+    assert {pid for *_, pid in sent} == {float(os.getpid())}

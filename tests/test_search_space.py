@@ -372,3 +372,12 @@ def test_bad_files(tmp_path):
         load_space(SPACES / "smoke.yaml", ["budget.num_sample=3"])
     with pytest.raises(ConfigError, match="base is invalid: unknown key 'model.archh'"):
         load_space(SPACES / "smoke.yaml", ["model.archh=fpn"])
+
+
+def test_study_trials_default_to_short_trial_settings_unless_the_base_sets_them(tmp_path):
+    """Trials checkpoint on improvement and skip cuDNN autotuning by default; a base that says otherwise wins."""
+    space = load_space(SPACES / "smoke.yaml")
+    assert space.base_config.run.checkpoint_every == 0 and space.base_config.train.cudnn_benchmark == "off"
+    told = load_space(SPACES / "smoke.yaml", ["run.checkpoint_every=2", "train.cudnn_benchmark=on"])
+    assert told.base_config.run.checkpoint_every == 2 and told.base_config.train.cudnn_benchmark == "on"
+    assert told.trial_config({"optim.lr": 1e-3}).run.checkpoint_every == 2

@@ -107,6 +107,12 @@ def test_interrupt_then_resume_completes_without_duplicates(tmp_path, ray_local)
     finally:
         finished.set()
     assert first.interrupted and first.leaderboard == []
+    c = tracking.client(f"sqlite:///{db}")
+    cut = c.search_runs([c.get_experiment_by_name("raysegtrain").experiment_id],
+                        filter_string=f"tags.`{TRIAL_TAG}` != ''")
+    assert cut and all(r.info.status in ("FINISHED", "KILLED") for r in cut)  # none left RUNNING
+    assert all(r.data.tags["state"].startswith("stopped: interrupted at epoch ")
+               for r in cut if r.info.status == "KILLED")
 
     second = run_study(SMOKE, _settings(tmp_path), resume=True, live=False)
     assert not second.interrupted and len(second.leaderboard) == 6

@@ -67,6 +67,13 @@ class SegmentationDataset(Dataset):
             self._decoded[index] = (image, mask)
         return image, mask
 
+    def preload(self) -> None:
+        """With cache=True, decode every item now: loader workers forked afterwards share the decoded arrays
+        (copy-on-write) instead of each decoding its own copy."""
+        if self.cache:
+            for index in range(len(self)):
+                self._load(index)
+
     accepts_seeded_index = True  # dataset[(i, seed)]: item i with its augmentation seeded by SEED
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict:

@@ -57,6 +57,10 @@ class TrialResources(_Settings):
     gpus_per_worker: Optional[float] = Field(None, gt=0, description="fractions pack trials on a GPU (0.25 = 4)")
     cpus_per_worker: Optional[float] = Field(None, gt=0, description="CPUs reserved per worker")
     use_gpu: Optional[Literal["auto", "true", "false"]] = Field(None, description="as scaling.use_gpu")
+    runtime: Literal["auto", "warm", "trainer"] = Field(
+        "auto", description="warm: the trial trains inside its Tune actor, which the next trial reuses (imports, "
+                            "CUDA context, caches stay warm); trainer: a TorchTrainer per trial; auto: warm for one "
+                            "worker per trial, trainer for DDP trials")
 
     @field_validator("use_gpu", mode="before")
     @classmethod
@@ -64,7 +68,8 @@ class TrialResources(_Settings):
         return str(v).lower() if isinstance(v, bool) else v
 
     def as_overrides(self) -> dict[str, Any]:
-        return {f"scaling.{k}": v for k, v in self.model_dump().items() if v is not None}
+        """The scaling.* keys of the trial config (`runtime` is the study's, not the config's)."""
+        return {f"scaling.{k}": v for k, v in self.model_dump(exclude={"runtime"}).items() if v is not None}
 
 
 class Asha(_Settings):

@@ -77,6 +77,14 @@ class SearchSpace:
         return self.base_config.train.epochs
 
     @property
+    def runtime(self) -> str:
+        """How trials run, resolved: "warm" (in the reused Tune actor) or "trainer" (a TorchTrainer per trial)."""
+        asked, workers = self.settings.trial.runtime, self.base_config.scaling.num_workers
+        if asked == "auto":
+            return "warm" if workers == 1 else "trainer"
+        return asked
+
+    @property
     def asha(self) -> dict[str, Any]:
         """Keyword arguments for `ray.tune.schedulers.ASHAScheduler` (metric/mode come from TuneConfig)."""
         a = self.settings.asha
@@ -143,7 +151,7 @@ class SearchSpace:
         return {"source": self.source, **copy.deepcopy(self.raw),
                 "resolved": {"metric": self.metric, "mode": self.mode, "num_samples": self.num_samples,
                              "time_budget_s": self.time_budget_s, "max_concurrent_trials": self.max_concurrent_trials,
-                             "asha": self.asha, "points_to_evaluate": self.points_to_evaluate,
+                             "trial_runtime": self.runtime, "asha": self.asha, "points_to_evaluate": self.points_to_evaluate,
                              "parameters": self.parameters},
                 "base_config": self.base_config.to_dict()}
 
@@ -154,6 +162,14 @@ class SearchSpace:
         base = self._build(raw, {}, "base")
         fixed = {**s.trial.as_overrides(), "train.epochs": s.asha.max_epochs or base.train.epochs,
                  "train.monitor": self.metric, "train.mode": self.mode}
+        # short trials: checkpoints on improvement and at the end, no cuDNN autotuning, unless the base says otherwise
+        if "checkpoint_every" not in (raw.get("run") or {}):
+            fixed["run.checkpoint_every"] = 0
+        if "cudnn_benchmark" not in (raw.get("train") or {}):
+            fixed["train.cudnn_benchmark"] = "off"
+        if s.trial.runtime == "warm" and apply_overrides(raw, fixed).get("scaling", {}).get("num_workers", 1) != 1:
+            raise ConfigError("trial.runtime=warm trains each trial in one process: set trial.num_workers=1, or "
+                              "trial.runtime=auto (a TorchTrainer per trial for DDP)")
         if s.asha.grace_period > fixed["train.epochs"]:
             raise ConfigError(f"asha.grace_period ({s.asha.grace_period}) must be <= asha.max_epochs "
                               f"({fixed['train.epochs']})")
