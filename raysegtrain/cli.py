@@ -38,13 +38,12 @@ def _load(items: list[str]):
 
 # ------------------------------------------------------------------------------------------------------ commands
 def cmd_fit(args) -> int:
-    from rich.console import Console
-
     from .interrupt import Interrupted
+    from .terminal import console as make_console
     from .train import fit
 
     cfg = _load(args.config)
-    console = Console(stderr=True)
+    console = make_console()
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -75,11 +74,10 @@ def cmd_fit(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from rich.console import Console
-
+    from .terminal import console as make_console
     from .tune import run_study
 
-    console = Console(stderr=True)
+    console = make_console()
     result = run_study(args.space, args.overrides, name=args.name, resume=args.resume, address=args.address,
                        verbose=args.verbose, live=not args.no_progress)
     if result.interrupted:
@@ -88,16 +86,19 @@ def cmd_tune(args) -> int:
         return 130
     from rich.table import Table
 
+    from .study_status import column_names, short_value, varying_keys
+
     metric = next((k for k in (result.leaderboard[0] if result.leaderboard else {}) if k.startswith("val_")), "value")
+    params = [{k[6:]: v for k, v in row.items() if k.startswith("param.") and v is not None}
+              for row in result.leaderboard]
+    keys = varying_keys(params)
     table = Table(title=f"leaderboard: study {result.name}")
-    for col in ("rank", "trial", metric, "epochs", "state", "params"):
-        table.add_column(col)
-    for i, row in enumerate(result.leaderboard, 1):
-        params = ", ".join(f"{k[6:]}={v:.4g}" if isinstance(v, float) else f"{k[6:]}={v}"
-                           for k, v in row.items() if k.startswith("param."))
+    for col in ("rank", "trial", metric, "epochs", "state", *column_names(keys)):
+        table.add_column(col, overflow="fold")
+    for i, (row, p) in enumerate(zip(result.leaderboard, params), 1):
         value = row.get(metric)
         table.add_row(str(i), row["trial_id"], f"{value:.4f}" if isinstance(value, float) else "-",
-                      str(row["epochs"]), row["state"], params)
+                      str(row["epochs"]), row["state"], *(short_value(p.get(k)) for k in keys))
     console.print(table)
     console.print(f"best trial {result.best_trial}: {metric} {result.best_value}")
     console.print(f"  best config: {result.best_config_path}   (raysegtrain fit {result.best_config_path})")

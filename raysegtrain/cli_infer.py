@@ -67,9 +67,9 @@ def add_commands(sub) -> None:
 
 
 def _console():
-    from rich.console import Console
+    from .terminal import console
 
-    return Console(stderr=True, soft_wrap=True)
+    return console()
 
 
 def _device(name: str) -> str | None:
@@ -94,8 +94,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from .errors import UserError
     from .evaluate import check_report_paths, class_table, evaluate_model, evaluation_config, log_report, \
         write_report
@@ -111,7 +109,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_report_paths(out, args.overwrite)
     report = evaluate_model(loaded, cfg, args.split, device=_device(args.device))
     files = write_report(report, out)
-    Console().print(class_table(report))
+    from .terminal import console as make_console
+
+    make_console(stderr=False).print(class_table(report))
     console = _console()
     console.print(f"wrote {', '.join(str(p) for p in files.values())}")
     if args.log_mlflow:

@@ -113,6 +113,9 @@ class DataConfig(Section):
         "none", description="per-class loss weights: none, auto (inverse sqrt frequency from train masks) or a list")
     loader_workers: Union[int, Literal["auto"]] = Field(
         "auto", description="DataLoader worker processes per training worker; auto = from the CPUs available")
+    preflight: Literal["auto", "full", "sample", "first"] = Field(
+        "auto", description="files read before a run starts: full = every train/val pair, sample = 200 of them, "
+                            "first = one; auto = full up to 2000 pairs, else sample (`data check` reads all)")
     cache: Literal["none", "memory"] = Field(
         "none", description="memory: decode each image once and keep it (small datasets, epoch > decode cost)")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)

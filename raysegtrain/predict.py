@@ -251,11 +251,11 @@ def progress_bar(total: int, label: str, enabled: bool = True):
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
+    from .terminal import console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+                  TimeRemainingColumn(), console=console()) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)

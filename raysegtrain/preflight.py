@@ -8,18 +8,36 @@ from .config import Config, SyntheticConfig
 from .errors import DataError
 
 
+FULL_SCAN_MAX_PAIRS = 2000  # train + val pairs up to which `data.preflight: auto` reads every file
+SAMPLE_PAIRS = 200  # pairs `sample` reads (the first of each split among them)
+
+
 def check_data(cfg: Config) -> None:
-    from .data.splits import list_split
-    from .data.io import read_image, read_mask
+    """The splits are listed and their files read before Ray starts: all of them (`data.preflight: full`, or auto
+    up to FULL_SCAN_MAX_PAIRS pairs), a seeded sample of SAMPLE_PAIRS (`sample`, or auto above that), or only the
+    first train pair (`first`). The first problem found is a DataError naming its file."""
+    import random
+
+    from .data.check import check_pairs
+    from .data.splits import list_split, resolve_root
 
     d = cfg.data
     listed = {split: list_split(d, split) for split in (d.train_split, d.val_split)}  # raises on an empty split
-    image, mask = listed[d.train_split][0]
-    img = read_image(image, d.in_channels)
-    m = read_mask(mask, d)
-    if img.shape[:2] != m.shape[:2]:
-        raise DataError(f"{image.name}: image {img.shape[1]}x{img.shape[0]} but mask {m.shape[1]}x{m.shape[0]} "
-                        f"(run `raysegtrain data check` for every problem)")
+    pairs = list(dict.fromkeys(p for split in listed.values() for p in split))
+    mode = d.preflight if d.preflight != "auto" else ("full" if len(pairs) <= FULL_SCAN_MAX_PAIRS else "sample")
+    if mode == "first":
+        chosen = pairs[:1]
+    elif mode == "sample" and len(pairs) > SAMPLE_PAIRS:
+        firsts = [split[0] for split in listed.values()]
+        rest = random.Random(0).sample([p for p in pairs if p not in firsts], SAMPLE_PAIRS - len(firsts))
+        chosen = firsts + rest
+    else:
+        chosen = pairs
+    problems = check_pairs(d, chosen, resolve_root(d))
+    if problems:
+        scanned = "every file" if len(chosen) == len(pairs) else f"{len(chosen)} of {len(pairs)} pairs read"
+        more = f"; {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]} ({scanned}{more}; `raysegtrain data check` lists every problem)")
 
 
 def check_augment(cfg: Config) -> None:

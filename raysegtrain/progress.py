@@ -53,11 +53,12 @@ class ProgressDisplay:
     def __enter__(self):
         if not self.enabled:
             return self
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
-        self.console = self._console or Console(stderr=True)
+        from .terminal import console as make_console
+
+        self.console = self._console or make_console()
         # the epochs row advances by fractions of an epoch on every step message: its speed, hence the run's ETA,
         # is known from the first steps on. The speed is averaged over the whole run (not rich's last 30 s), so
         # validation and epoch boundaries are counted in it, and epochs longer than the window still get an ETA.
@@ -128,9 +129,9 @@ def driver_output(preset_note: str | None, mode: str, console=None):
     the console for the rest of the run and the callback that generates a missing synthetic dataset showing its
     progress (`preflight.check_fit` calls it; otherwise its checks would sit silent while the set is written)."""
     if console is None:
-        from rich.console import Console
+        from .terminal import console as make_console
 
-        console = Console(stderr=True)
+        console = make_console()
     if preset_note:
         console.print(preset_note, soft_wrap=True, markup=False, highlight=False)
     return console, lambda syn: show_generation(syn, console, bar=mode == "bar")

@@ -39,26 +39,47 @@ class StudyStatusTable(TrialProgressCallback):
         if not force and time.time() - self._shown < MIN_INTERVAL_S:
             return
         self._shown = time.time()
-        from rich.console import Console
+        from .terminal import console
 
-        Console(stderr=True).print(status_table(self, trials))
+        console().print(status_table(self, trials))
 
 
 def status_table(status: TrialProgressCallback, trials) -> Any:
     from rich.table import Table
 
+    progress = [status.trials.get(trial.trial_id, TrialProgress()) for trial in trials]
+    keys = varying_keys([st.params for st in progress])
     t = Table(title=f"study {status.study}", show_lines=False)
-    for col in ("trial", "params", "epoch", status.space.metric, "best", "state"):
-        t.add_column(col)
-    for trial in trials:
-        st = status.trials.get(trial.trial_id, TrialProgress())
+    for col in ("trial", *column_names(keys), "epoch", status.space.metric, "best", "state"):
+        t.add_column(col, overflow="fold")
+    for trial, st in zip(trials, progress):
         state = st.state if st.state != "running" else str(trial.status).lower()
-        t.add_row(trial.trial_id, ", ".join(f"{k}={_short(v)}" for k, v in st.params.items()), str(st.epoch),
-                  _short(st.value), _short(st.best), state)
+        t.add_row(trial.trial_id, *(short_value(st.params.get(k)) for k in keys), str(st.epoch), short_value(st.value),
+                  short_value(st.best), state)
     return t
 
 
-def _short(v) -> str:
+MAX_PARAM_COLUMNS = 8
+
+
+def varying_keys(params: list[dict[str, Any]]) -> list[str]:
+    """The sampled keys whose values differ between trials (a key some trials lack counts), in first-seen order, at
+    most MAX_PARAM_COLUMNS: the columns that tell trials apart."""
+    seen: dict[str, set] = {}
+    for p in params:
+        for k, v in p.items():
+            seen.setdefault(k, set()).add(repr(v))
+    keys = [k for k, values in seen.items() if len(values) > 1 or any(k not in p for p in params)]
+    return keys[:MAX_PARAM_COLUMNS]
+
+
+def column_names(keys: list[str]) -> list[str]:
+    """Each key's last part (optim.lr -> lr), the whole key where two last parts collide."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return [short if last.count(short) == 1 else key for key, short in zip(keys, last)]
+
+
+def short_value(v) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):

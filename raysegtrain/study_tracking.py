@@ -5,6 +5,8 @@ has one writer, as a fit has."""
 
 from __future__ import annotations
 
+import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -50,6 +52,35 @@ def open_study_run(space: SearchSpace, space_path: str | Path, name: str, resume
 def close_interrupted_study(run: StudyRun, trial_runs: MLflowTrialLogger) -> None:
     trial_runs.close_unfinished()
     tracking.end_run(run.uri, run.run_id, "KILLED", {"state": "interrupted: resume with --resume"})
+
+
+def kept_trials(report: StudyReport, space: SearchSpace) -> list[str]:
+    """The trials whose checkpoints outlive the study (`checkpoints.mlflow`): the best first."""
+    ranked = [row["trial_id"] for row in report.rows if row[space.metric] is not None]
+    kept = space.settings.checkpoints.kept
+    return ranked if kept is None else ranked[:kept]
+
+
+def log_kept_checkpoints(report: StudyReport, space: SearchSpace, trial_runs: MLflowTrialLogger) -> None:
+    """Top/best policies: the kept trials' best checkpoints go to their runs once the ranking is known."""
+    if space.settings.checkpoints.mlflow in ("top", "best"):
+        for trial_id in kept_trials(report, space):
+            trial_runs.log_best_checkpoint(trial_id)
+
+
+def prune_checkpoints(folder: Path | None, keep: set[str]) -> int:
+    """Deletes every checkpoint folder (checkpoint_*) under the study's FOLDER except those in KEEP; returns how
+    many. A study in remote storage (s3://, gs://) is left alone."""
+    if folder is None or not folder.is_dir():
+        return 0
+    keep = {str(Path(p).resolve()) for p in keep}
+    removed = 0
+    for path in sorted(folder.rglob("checkpoint_*")):
+        if path.is_dir() and str(path.resolve()) not in keep and not any(k.startswith(f"{path.resolve()}/")
+                                                                          for k in keep):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace) -> None:
@@ -134,6 +165,24 @@ class MLflowTrialLogger(TrialProgressCallback):
         super().on_trial_error(iteration, trials, trial, **info)
         self._close_child(self.progress(trial), "FAILED")
 
+    def log_best_checkpoint(self, trial_id: str) -> bool:
+        """The trial's best checkpoint (weights only) into its run; when none is left, the run is tagged so and a
+        warning printed: a trial never loses its checkpoint silently."""
+        st = self.trials.get(trial_id)
+        if not (self.client and st and st.run_id):
+            return False
+        path = self.best_checkpoint(trial_id)
+        if path is None:
+            tracking.set_tag(self.client, st.run_id, "best_checkpoint", "missing")
+            print(f"warning: trial {trial_id} has no checkpoint left to log to MLflow", file=sys.stderr)
+            return False
+        tracking.log_checkpoint(self.client, st.run_id, path)
+        tracking.set_tag(self.client, st.run_id, "best_checkpoint", "logged")
+        return True
+
+    def _trial_id(self, st: TrialRun) -> str:
+        return next(trial_id for trial_id, other in self.trials.items() if other is st)
+
     def on_trial_cut(self, trial, st: TrialRun) -> None:
         self._close_child(st, "KILLED")
 
@@ -157,8 +206,8 @@ class MLflowTrialLogger(TrialProgressCallback):
     def _close_child(self, st: TrialRun, status: str) -> None:
         if not (self.client and st.run_id):
             return
-        if st.best_checkpoint and Path(st.best_checkpoint).is_dir() and status == "FINISHED":
-            tracking.log_checkpoint(self.client, st.run_id, st.best_checkpoint)
+        if self.space.settings.checkpoints.mlflow == "all" and status != "FAILED":
+            self.log_best_checkpoint(self._trial_id(st))
         tags = {"state": st.state}
         if st.best is not None:
             tags[f"best_{self.space.metric}"] = f"{st.best:.6g}"

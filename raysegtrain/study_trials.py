@@ -49,6 +49,10 @@ def trial_error(trial) -> str:
     return "unknown error"
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def trial_number(trial) -> int:
     """The trial's place in the study, 1, 2, ...: Tune's experiment tag starts with it (`3_lr=0.001,...`)."""
     head = str(getattr(trial, "experiment_tag", "") or "").split("_", 1)[0]
@@ -62,7 +66,7 @@ class TrialProgress:
     value: float | None = None
     best: float | None = None
     best_epoch: int | None = None
-    best_checkpoint: str | None = None
+    checkpoints: dict[int, tuple[str, float | None]] = field(default_factory=dict)  # epoch -> (path, value)
     state: str = "running"
     ended: bool = False  # completed, stopped by ASHA, failed, or cut when the study stopped
 
@@ -111,14 +115,27 @@ class TrialProgressCallback(tune.Callback):
             st.value = float(value)
             if self._better(st.value, st.best):
                 st.best, st.best_epoch = st.value, st.epoch
-                st.best_checkpoint = result.get(CHECKPOINT_PATH_KEY)  # a TorchTrainer trial's checkpoint
+        if result.get(CHECKPOINT_PATH_KEY):  # a TorchTrainer trial's checkpoint, persisted by Ray Train
+            st.checkpoints[st.epoch] = (result[CHECKPOINT_PATH_KEY], st.value)
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        """A warm trial's checkpoint, persisted by Tune after the result it came with: the best one when that
-        result's epoch is the best epoch."""
+        """A warm trial's checkpoint, persisted by Tune after the result it came with."""
         st = self.progress(trial)
-        if st.best_epoch is not None and int((trial.last_result or {}).get("epoch", -1)) == st.best_epoch:
-            st.best_checkpoint = checkpoint.path
+        last = trial.last_result or {}
+        value = last.get(self.space.metric)
+        st.checkpoints[int(last.get("epoch", st.epoch))] = (checkpoint.path, value if _finite(value) else None)
+
+    def best_checkpoint(self, trial_id: str) -> str | None:
+        """The trial's best checkpoint that still exists: by the objective's value, the latest of equal ones (Ray's
+        retention may have removed the first of a tie, or any but the kept few)."""
+        st = self.trials.get(trial_id)
+        if st is None:
+            return None
+        there = [(value, epoch, path) for epoch, (path, value) in st.checkpoints.items() if Path(path).is_dir()]
+        if not there:
+            return None
+        sign = 1 if self.space.mode == "max" else -1
+        return max(there, key=lambda c: (c[0] is not None, sign * (c[0] or 0), c[1]))[2]
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         st = self.progress(trial)

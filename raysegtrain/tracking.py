@@ -40,6 +40,34 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
+def check_store(uri: str, timeout_s: float = 5.0) -> None:
+    """A UserError, before anything starts, when the store at URI cannot be used: a tracking server that does not
+    answer (MLflow's client would retry for minutes, then fail mid-run), or a SQLite file whose folder cannot be
+    created or written. Any HTTP answer, even an error status, counts as reachable: the server is there."""
+    import urllib.error
+    import urllib.request
+
+    from .errors import UserError
+
+    fix = "start it, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or run with tracking.enabled=false"
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise UserError(f"MLflow tracking server {uri} is not reachable ({reason}): {fix}") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"MLflow store {uri}: cannot create {folder} ({e.strerror}): {fix}") from None
+        if not os.access(folder, os.W_OK):
+            raise UserError(f"MLflow store {uri}: {folder} is not writable: {fix}")
+
+
 def import_in_background() -> threading.Thread:
     """Import MLflow's client and SQL store in a thread (about 2 s of imports), so that they load while Ray starts
     instead of after it. Imports only: nothing is written until a run is opened."""

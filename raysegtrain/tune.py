@@ -35,8 +35,8 @@ from .search_space import SearchSpace, load_space
 from .study_report import StudyReport, write_report
 from .study_status import StudyStatusTable
 from .study_trials import TrialProgressCallback
-from .study_tracking import (MLflowTrialLogger, StudyRun, close_interrupted_study,
-                             finish_study_run, open_study_run)
+from .study_tracking import (MLflowTrialLogger, StudyRun, close_interrupted_study, finish_study_run,
+                             kept_trials, log_kept_checkpoints, open_study_run, prune_checkpoints)
 
 __all__ = ["ReleaseOrphanedPlacementGroups", "StudyResult", "run_study", "run_trial"]
 
@@ -149,7 +149,11 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
         return interrupted_result(place, study_run)
     report = write_report(results, space, place.folder or Path(tempfile.mkdtemp()), trial_runs.states())
     if study_run:
+        log_kept_checkpoints(report, space, trial_runs)
         finish_study_run(study_run, report, space)
+    if space.settings.checkpoints.prune:
+        keep = {trial_runs.best_checkpoint(trial_id) for trial_id in kept_trials(report, space)}
+        prune_checkpoints(place.folder, {p for p in keep if p})
     return finished_result(place, report, study_run, space.metric)
 
 
@@ -159,7 +163,12 @@ def study_name(space_path: str | Path, name: str | None) -> str:
 
 
 def check_study(space: SearchSpace) -> None:
-    """User errors before Ray starts: data of the base config, every reachable model, augmentation."""
+    """User errors before Ray starts: the MLflow store, data of the base config, every reachable model,
+    augmentation."""
+    if space.base_config.tracking.enabled:
+        from . import tracking
+
+        tracking.check_store(tracking.resolve_tracking_uri(space.base_config.tracking.tracking_uri))
     preflight.check_augment(space.base_config)
     preflight.check_data(space.base_config)
     seen = set()

@@ -104,3 +104,33 @@ def test_yaml_booleans_read_as_the_words_they_were(tmp_path):
     assert cfg.scaling.use_gpu == "false" and cfg.train.deterministic is True
     with pytest.raises(ConfigError, match="channels_last"):
         config.load(None, ["train.channels_last=sometimes"])
+
+
+def _word_keys():
+    """Every dotted key whose allowed words include a YAML 1.1 boolean spelling, with those words."""
+    from raysegtrain.config import Section, _literal_words
+
+    bool_words = {"on", "off", "yes", "no", "true", "false"}
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, Section):
+                yield from walk(ann, f"{prefix}{name}.")
+            elif _literal_words(ann) & bool_words:
+                yield f"{prefix}{name}", sorted(_literal_words(ann) & bool_words)
+
+    return list(walk(config.Config, ""))
+
+
+@pytest.mark.parametrize("key,words", _word_keys(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_on_off_style_key_takes_its_words_from_yaml_and_the_command_line(tmp_path, key, words):
+    section, name = key.rsplit(".", 1)
+    for word in words:
+        f = tmp_path / "c.yaml"
+        f.write_text(f"{section.replace('.', ': {')}: {{{name}: {word}}}" + "}" * section.count(".") + "\n")
+        for cfg in (config.load(f), config.load(None, [f"{key}={word}"])):
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            assert value == word, (key, word)

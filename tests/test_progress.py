@@ -109,3 +109,41 @@ def test_fit_checks_generate_the_synthetic_set_only_after_the_cheap_checks_pass(
     cfg = tiny_cfg()
     preflight.check_fit(cfg, generated.append)
     assert generated == [cfg.data.synthetic]
+
+
+def test_output_into_a_file_or_pipe_is_never_wrapped(capsys):
+    """A log keeps one line per epoch: the console that commands write through does not wrap at 80 columns when
+    stderr is not a terminal (pytest's capture is not one)."""
+    from raysegtrain.progress import format_epoch
+    from raysegtrain.terminal import console
+
+    line = format_epoch({"epoch": 3, "train_loss": 0.41234, "val_loss": 0.39871, "val_iou": 0.7123,
+                         "best_val_iou": 0.7345, "best_epoch": 2, "images_per_s": 423.0, "data_wait_share": 0.01,
+                         "epoch_time_s": 12.3}, 30, "val_iou") + "  " + "x" * 60
+    assert len(line) > 120
+    console().print(line)
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_study_tables_show_the_parameters_that_differ_in_columns(capsys):
+    """The live status table: one column per sampled key that differs between trials (named by its last part),
+    none for a key every trial shares; every trial on one line."""
+    from types import SimpleNamespace
+
+    from raysegtrain.study_status import status_table
+    from raysegtrain.study_trials import TrialProgress
+    from raysegtrain.terminal import console
+
+    params = [{"optim.lr": 0.001, "model.arch": "unet", "loss.bce": 0.5, "model.encoder": "resnet18"},
+              {"optim.lr": 0.0003, "model.arch": "fpn", "loss.bce": 0.5, "model.encoder": "resnet18"},
+              {"optim.lr": 0.002, "model.arch": "deeplabv3plus", "loss.bce": 0.5, "model.encoder": "resnet18",
+               "schedule.step_size": 2}]
+    trials = [SimpleNamespace(trial_id=f"t{i}", status="RUNNING") for i in range(3)]
+    status = SimpleNamespace(study="s", space=SimpleNamespace(metric="val_iou"),
+                             trials={f"t{i}": TrialProgress(params=p, epoch=i, value=0.5) for i, p in enumerate(params)})
+    console().print(status_table(status, trials))
+    out = capsys.readouterr().err.splitlines()
+    header = next(line for line in out if "trial" in line)
+    assert all(col in header for col in ("lr", "arch", "step_size")) and "encoder" not in header and "bce" not in header
+    rows = [line for line in out if line.startswith("│ t")]
+    assert len(rows) == 3 and "deeplabv3plus" in rows[2] and "0.0003" in rows[1]

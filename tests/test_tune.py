@@ -49,6 +49,18 @@ def test_smoke_study_asha_mlflow_and_best_config(tmp_path, ray_local):
         assert ch.info.status == "FINISHED"
         assert c.get_metric_history(ch.info.run_id, "val_iou"), ch.data.tags[TRIAL_TAG]
         assert any(k.startswith("sampled.") for k in ch.data.params)
+    # checkpoints.mlflow: top (3): the three best trials' best weights, weights only, in their runs; on disk only
+    # those three checkpoints are left once the study has finished
+    from raysegtrain.checkpoint import load_checkpoint
+
+    top = [r["trial_id"] for r in rows[:3]]
+    logged = {ch.data.tags[TRIAL_TAG] for ch in children
+              if any(a.path == "best_checkpoint" for a in c.list_artifacts(ch.info.run_id))}
+    assert logged == set(top), (logged, top)
+    winner = next(ch for ch in children if ch.data.tags[TRIAL_TAG] == result.best_trial)
+    weights = load_checkpoint(c.download_artifacts(winner.info.run_id, "best_checkpoint"))
+    assert "model" in weights and "optimizer" not in weights and weights["best_value"] == result.best_value
+    assert len([p for p in Path(result.path).rglob("checkpoint_*") if p.is_dir()]) == 3
     stopped = [ch for ch in children if ch.data.tags["state"].startswith("stopped by ASHA")]
     assert stopped and all(len(c.get_metric_history(ch.info.run_id, "val_iou")) < 3 for ch in stopped)
     assert [ch.data.tags.get("best_trial") for ch in children].count("true") == 1

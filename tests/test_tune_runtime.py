@@ -134,3 +134,52 @@ def test_runtime_setting_resolves_and_rejects_warm_ddp(tmp_path):
         load_space(write_space(tmp_path, [GOOD_A], trial={"runtime": "warm", "num_workers": 2}))
     with pytest.raises(ConfigError, match="trial.runtime"):
         load_space(write_space(tmp_path, [GOOD_A], trial={"runtime": "hot"}))
+
+
+def test_a_trials_best_checkpoint_is_the_best_one_left_and_never_lost_silently(tmp_path, capsys):
+    """Retention may remove the first of two equal best checkpoints: the equal one left is logged. With none left
+    the run is tagged `best_checkpoint: missing` and a warning says so."""
+    from types import SimpleNamespace
+
+    from raysegtrain.checkpoint import load_checkpoint, save_checkpoint
+    from raysegtrain.study_tracking import MLflowTrialLogger, StudyRun
+
+    space = load_space(write_space(tmp_path, [GOOD_A]))
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    parent = tracking.start_run(space.base_config, "study", uri=uri)
+    logger = MLflowTrialLogger(space, "study", StudyRun(uri, parent))
+    trial = SimpleNamespace(trial_id="t1", config={"overrides": {"optim.lr": GOOD_A}}, experiment_tag="1_lr=0.001")
+    logger.on_trial_start(0, [trial], trial)
+    folders = {}
+    for epoch, value in ((1, 0.4), (2, 0.6), (3, 0.6), (4, 0.5)):
+        folders[epoch] = tmp_path / f"checkpoint_{epoch:06d}"
+        save_checkpoint({"format": 1, "model": {"w": torch.full((1,), float(epoch))}, "optimizer": {}, "epoch": epoch,
+                         "config": space.base_config.to_dict()}, folders[epoch])
+        logger.progress(trial).checkpoints[epoch] = (str(folders[epoch]), value)
+    import shutil
+
+    shutil.rmtree(folders[2])  # retention removed the first of the tied best
+    assert logger.best_checkpoint("t1") == str(folders[3])
+    assert logger.log_best_checkpoint("t1")
+    c = tracking.client(uri)
+    run_id = logger.progress(trial).run_id
+    logged = load_checkpoint(c.download_artifacts(run_id, "best_checkpoint", str(tmp_path / "dl")))
+    assert logged["model"]["w"].item() == 3.0 and "optimizer" not in logged
+    for epoch in (1, 3, 4):
+        shutil.rmtree(folders[epoch])
+    assert not logger.log_best_checkpoint("t1")
+    assert c.get_run(run_id).data.tags["best_checkpoint"] == "missing"
+    assert "trial t1 has no checkpoint left" in capsys.readouterr().err
+
+
+def test_pruning_keeps_only_the_kept_trials_best_checkpoints(tmp_path):
+    from raysegtrain.study_tracking import prune_checkpoints
+
+    made = [tmp_path / trial / f"checkpoint_{e:06d}" for trial in ("a", "b") for e in (1, 2)]
+    for folder in made:
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.pt").write_bytes(b"x")
+    (tmp_path / "a" / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert prune_checkpoints(tmp_path, {str(made[1])}) == 3
+    assert [p for p in made if p.exists()] == [made[1]]
+    assert (tmp_path / "a" / "checkpoint_manager_snapshot.json").exists()

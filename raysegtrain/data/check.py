@@ -76,6 +76,17 @@ class Report:
         return out
 
 
+def check_pairs(cfg: DataConfig, pairs: list[tuple[Path, Path]], root: Path) -> list[str]:
+    """The problems of these (image, mask) files alone (what preflight scans before a run), one line each, paths
+    relative to ROOT; warnings aside."""
+    report = Report(root)
+    with _quiet_cv2(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        for found in pool.map(lambda pair: _check_pair(cfg, *pair, report), pairs):
+            for kind, message in found.problems:
+                report.add(kind, message)
+    return report.lines()
+
+
 def check_dataset(cfg: DataConfig) -> list[str]:
     """Every problem of the dataset `cfg` describes, one line each; [] when it is clean."""
     try:

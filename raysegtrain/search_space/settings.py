@@ -89,6 +89,22 @@ class Searcher(_Settings):
         default_factory=list, description="known-good starting points, {dotted.key or branch label: value}")
 
 
+class CheckpointSettings(_Settings):
+    """Which trials' checkpoints outlive the study."""
+
+    mlflow: Literal["all", "top", "best", "none"] = Field(
+        "top", description="trials whose best weights (weights only) go to their MLflow run: all, the top "
+                           "`top` by the objective, the best trial only, or none")
+    top: int = Field(3, ge=1, description="how many trials `mlflow: top` keeps")
+    prune: bool = Field(True, description="once the study has finished, delete the trial checkpoints on disk "
+                                          "except each kept trial's best (a finished study resumes nothing)")
+
+    @property
+    def kept(self) -> int | None:
+        """How many of the best trials keep their checkpoint (None: all)."""
+        return {"all": None, "top": self.top, "best": 1, "none": 0}[self.mlflow]
+
+
 class SpaceFile(_Settings):
     base: Union[str, dict[str, Any]] = Field(default_factory=dict, description="fit config: path or inline mapping")
     overrides: list[str] = Field(default_factory=list, description="dotted key=value applied to the base")
@@ -98,10 +114,11 @@ class SpaceFile(_Settings):
     trial: TrialResources = Field(default_factory=TrialResources)
     asha: Asha = Field(default_factory=Asha)
     searcher: Searcher = Field(default_factory=Searcher)
+    checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     space: dict[str, Any] = Field(description="distributions over dotted config keys")
 
 
-SETTINGS_KEYS = ("objective", "budget", "max_concurrent_trials", "trial", "asha", "searcher")
+SETTINGS_KEYS = ("objective", "budget", "max_concurrent_trials", "trial", "asha", "searcher", "checkpoints")
 # a config section written at the top of a space file: say where it belongs rather than guess a settings key
 _MISPLACED = {section: "config sections go under base: (or use overrides)" for section in Config.model_fields}
 
