@@ -242,6 +242,8 @@ class OptimConfig(Section):
     nesterov: bool = Field(False, description="SGD Nesterov momentum")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam/AdamW betas")
     encoder_lr_mult: float = Field(1.0, gt=0, description="encoder learning rate = lr * encoder_lr_mult")
+    fused: Literal["auto", "on", "off"] = Field(
+        "auto", description="the optimizer's fused CUDA kernel (one launch for every parameter); auto: on GPUs")
 
 
 class ScheduleConfig(Section):
@@ -285,6 +287,19 @@ class TrainConfig(Section):
     val_every: int = Field(1, ge=1, description="validate every N epochs (and on the last)")
     threshold: float = Field(0.5, gt=0, lt=1, description="binary: probability threshold for metrics")
     max_steps_per_epoch: Optional[int] = Field(None, ge=1, description="cap on training steps per epoch (smoke runs)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the training step (forward, loss mix, backward) and validation's forward. "
+                            "auto: on for GPU runs that train at least 40000 images (enough to repay a first "
+                            "compile; later runs on the same shapes start from the compile cache), off on CPU. If "
+                            "compiling fails the run says so and continues eager")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode (max-autotune: slower warm-up, sometimes faster steps)")
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend (inductor; aot_eager or eager only to debug the capture)")
+    compile_cache: str = Field(
+        "auto", description="folder of the compile caches (inductor, Triton), so that a later run on the same shapes "
+                            "starts warm; auto: compile/ in the raysegtrain cache (RAYSEGTRAIN_CACHE). On a cluster, "
+                            "a folder every node shares")
 
     @field_validator("monitor")
     @classmethod

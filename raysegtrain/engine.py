@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import validation
+from . import compiling, validation
 from .checkpoint import load_checkpoint
 from .config import Config
 from .data.loading import SeededSampler, ShardSampler, iterate, seed_loader_worker
@@ -30,8 +30,8 @@ from .data.statistics import Normalizer, input_normalizer, model_input, uses_dat
 from .errors import TrainingError
 from .hooks import (BestMetricHook, EpochTimingHook, Hook, LocalCheckpointHook, StartupTimingHook, StepInfo,
                     StopTraining)
-from .runtime import (Stopwatch, all_reduce_mean, autocast, default_device, rank_and_world, resolve_amp,
-                      seed_everything, usable_cpus)
+from .runtime import (CudaWarmUp, Stopwatch, all_reduce_mean, autocast, default_device, rank_and_world,
+                      resolve_amp, seed_everything, usable_cpus)
 
 
 class SegmentationTrainer:
@@ -64,6 +64,14 @@ class SegmentationTrainer:
         self.amp_dtype = resolve_amp(t.amp, self.device)
         self.channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.device.type == "cuda")
         self.nan_check_every = 1 if self.device.type == "cpu" else 25
+        self.compile = t.compile  # auto / on / off (compiling.compile_decision); the mode, backend, cache below
+        self.compile_mode = t.compile_mode
+        self.compile_backend = t.compile_backend
+        self.fused_optimizer = cfg.optim.fused == "on" or (cfg.optim.fused == "auto" and self.device.type == "cuda")
+        self.step_runner: compiling.CompiledOrEager | None = None  # set by setup_compile when compiling
+        self.eval_runner: compiling.CompiledOrEager | None = None
+        self.compile_watch: compiling.CompileWatch | None = None
+        self.compile_reason: str | None = None
         # copy + normalise batch i+1 on a side CUDA stream during step i: a gain on one GPU; beside DDP's all-reduce
         # the copy on the compute stream scaled better (docs/benchmarks.md; `--only ...,variants` of
         # scripts/benchmark.py measures both)
@@ -111,6 +119,11 @@ class SegmentationTrainer:
             # loader workers fork now, before CUDA and the model exist, and decode the first batches meanwhile
             self._prefetch_train_batches(self.epoch)
         mark("loader_start")
+        # the CUDA context and cuBLAS/cuDNN load while the model is built on the CPU (after the loader's workers
+        # have forked: a fork never copies a half-made CUDA state)
+        warm_up = CudaWarmUp(self.device) if self.device.type == "cuda" else None
+        if warm_up is not None:
+            warm_up.start()
         self.model = self.build_model()
         mark("model")
         self.optimizer = self.build_optimizer()
@@ -123,7 +136,10 @@ class SegmentationTrainer:
         self.encoder_frozen = None  # a new model: wrap it whatever it is set to
         self.set_encoder_frozen(self.cfg.model.freeze_encoder_epochs > 0)
         mark("wrap")
+        self.setup_compile(self.planned_training_images())
         self.setup_times = mark.laps  # seconds per setup stage, for start-up diagnosis (scripts/benchmark.py)
+        if warm_up is not None and warm_up.seconds is not None:
+            self.setup_times["cuda_warm_up_thread"] = warm_up.seconds  # overlapped: not a stage of its own
         if self._resume_state is not None:
             self.load_state_dict(self._resume_state)
             self._resume_state = None  # applied; it holds a copy of the weights and optimizer state
@@ -141,6 +157,7 @@ class SegmentationTrainer:
         self.meter = self.build_meter()
         self.encoder_frozen = None
         self.set_encoder_frozen(False)
+        self.setup_compile(0)
         self.built = "validation"
 
     def build_datasets(self):
@@ -211,11 +228,12 @@ class SegmentationTrainer:
 
         o = self.cfg.optim
         groups = param_groups(self.module, o.lr, o.encoder_lr_mult)
+        fused = {"fused": True} if self.fused_optimizer else {}
         if o.name == "sgd":
             return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                   weight_decay=o.weight_decay)
+                                   weight_decay=o.weight_decay, **fused)
         cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        return cls(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        return cls(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, **fused)
 
     def build_schedule(self):
         from .schedules import LRSchedule
@@ -237,6 +255,38 @@ class SegmentationTrainer:
         d = self.cfg.data
         return ConfusionMeter(d.num_classes, ignore_index=d.ignore_index, binary=d.binary,
                               threshold=self.cfg.train.threshold, class_names=d.names())
+
+    # ------------------------------------------------------------------------------------------------ compiling
+    def planned_training_images(self) -> int:
+        """Training images this run will see from here (all ranks), for `compile: auto`'s rule."""
+        return ((self.epochs - self.epoch) * self.batches_this_epoch() * self.batch_size * self.world_size)
+
+    def setup_compile(self, planned_images: int) -> None:
+        """The compiled training step and validation forward when `compile` says so (compiling.compile_decision);
+        `compile_reason` says what was decided and why."""
+        self.step_runner = self.eval_runner = self.compile_watch = None
+        on, self.compile_reason = compiling.compile_decision(self.compile, self.device, planned_images)
+        if not on:
+            return
+        self.compile_watch = compiling.CompileWatch()
+        compiling.use_cache_folder(compiling.cache_folder(self.cfg.train.compile_cache))
+        # dynamo keeps compiled code per function and a bounded number of variants of it: a process that trains
+        # one run after another (a warm study's trials) starts each from a clean slate; the disk cache keeps them fast
+        torch._dynamo.reset()
+        options = dict(mode=self.compile_mode, backend=self.compile_backend, watch=self.compile_watch,
+                       on_fallback=self.notice)
+        self.step_runner = compiling.CompiledOrEager(self.training_step, "training step", **options)
+        self.eval_runner = compiling.CompiledOrEager(self.eval_forward, "validation forward", **options)
+
+    @property
+    def compiled(self) -> bool:
+        return self.step_runner is not None and self.step_runner.active
+
+    def notice(self, message: str) -> None:
+        """A one-line message for the user (the hooks pass it on: the driver prints it), also in this process's
+        log."""
+        print(message, flush=True)
+        self._call("notice", message)
 
     # -------------------------------------------------------------------------------------------- encoder freeze
     def set_encoder_frozen(self, frozen: bool) -> None:
@@ -294,6 +344,9 @@ class SegmentationTrainer:
         run."""
         self.epoch += 1
         metrics["epoch"] = self.epoch
+        if self.compile_watch is not None:
+            metrics.update(self.compile_watch.take())
+            metrics["compiled"] = float(self.compiled)
         self.history.append(metrics)
         try:
             self._call("after_epoch", metrics)
@@ -316,18 +369,31 @@ class SegmentationTrainer:
         """Forward and backward of one batch, its gradient a 1/grad_accum share; the optimizer steps when STEPPING.
         Under DDP, gradients are all-reduced on stepping batches only. Returns the batch's loss, detached."""
         sync = nullcontext() if stepping or not hasattr(self.model, "no_sync") else self.model.no_sync()
-        with sync:
-            loss = self.training_step(x, y)
+
+        def forward_backward(step: Callable) -> torch.Tensor:
+            loss = step(x, y)
             self.scaler.scale(loss / self.grad_accum).backward()
+            return loss
+
+        with sync:
+            if self.step_runner is None:
+                loss = forward_backward(self.training_step)
+            else:
+                loss = self.step_runner.run(forward_backward)
         if stepping:
             self.optimizer_step()
         return loss.detach()
 
     def training_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch's loss (forward and loss mix); what `compile` compiles, backward included."""
         with self.autocast():
             logits = self.model(x)
         loss, _ = self.loss_fn(logits.float(), y)
         return loss
+
+    def eval_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for validation (under the caller's autocast and no_grad); compiled with `compile`."""
+        return self.model(x)
 
     def optimizer_step(self) -> None:
         if self.grad_clip:
@@ -343,8 +409,15 @@ class SegmentationTrainer:
         yet, builds only what validation needs."""
         if self.built is None:
             self.setup_validation()
+        forward = None
+        if self.eval_runner is not None:
+            runner = self.eval_runner
+
+            def forward(x):
+                return runner.run(lambda f: f(x))
+
         return validation.validate(self.model, self.device_batches(iterate(self.val_loader)), self.loss_fn,
-                                   self.meter, self.device, self.amp_dtype)
+                                   self.meter, self.device, self.amp_dtype, forward=forward)
 
     @torch.no_grad()
     def visual_samples(self, n: int) -> dict[str, np.ndarray]:

@@ -50,6 +50,9 @@ class Hook:
 
     def after_train(self) -> None: ...
 
+    def notice(self, message: str) -> None:
+        """A one-line message for the user from the loop (e.g. that compiling failed and the run went on eager)."""
+
 
 class StopTraining(Exception):
     """A hook may raise this to end training cleanly after the current epoch (the hooks after it are skipped for
@@ -96,7 +99,8 @@ class EpochTimingHook(Hook):
 
 class StartupTimingHook(Hook):
     """The first epoch's start-up split, when this process trains a run from its start (not on resume):
-    first_step_s, from T0 (when the command started) to the first training batch in hand, =
+    first_step_s, from T0 (when the command started) to the first training batch in hand (first_step_done_s: to the
+    host's return from that step, which includes compiling a compiled step), =
     startup_launch_s (T0 to this hook's creation, just before the trainer's: the caller's preparation and the launch
     of this process) + startup_setup_s (building data, model, optimizer) + startup_first_batch_s (the loader's first
     batch). With SUBMITTED (when the caller handed the job to its launcher, e.g. Ray) the launch is split again into
@@ -114,6 +118,7 @@ class StartupTimingHook(Hook):
         self.driver_stages = dict(driver_stages or {})
         self.set_up: float | None = None
         self.first_batch: float | None = None
+        self.first_step_done: float | None = None
 
     def before_train(self) -> None:
         self.set_up = time.time()
@@ -121,13 +126,15 @@ class StartupTimingHook(Hook):
     def after_step(self, info: StepInfo) -> None:
         if self.first_batch is None:
             self.first_batch = info.batch_ready
+            self.first_step_done = time.time()  # the host is past the step (a compiled one has compiled)
 
     def after_epoch(self, metrics: dict[str, float]) -> None:
         if self.first_batch is not None and metrics is self.trainer.history[0]:  # a run's first epoch
             metrics.update(self.figures())
 
     def figures(self) -> dict[str, float]:
-        out = {"first_step_s": self.first_batch - self.t0, "startup_launch_s": self.created - self.t0,
+        out = {"first_step_s": self.first_batch - self.t0, "first_step_done_s": self.first_step_done - self.t0,
+               "startup_launch_s": self.created - self.t0,
                "startup_setup_s": self.set_up - self.created, "startup_first_batch_s": self.first_batch - self.set_up,
                "first_batch_time": self.first_batch}
         if self.submitted is not None:  # launch = the caller's own preparation + starting this process

@@ -104,6 +104,8 @@ class ProgressDisplay:
         kind = item[0]
         if kind == "start":
             self.console.print(f"  on {item[1]}")
+        elif kind == "notice":
+            self.console.print(f"  {item[1]}")
         elif kind == "epoch_start":
             _, epoch, epochs, steps = item
             self.progress.update(self.epoch_task, completed=epoch, info="")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import threading
 import time
 from contextlib import nullcontext
 
@@ -79,3 +80,27 @@ class Stopwatch:
         self.laps[name] = now - self._last
         self._last = now
         return now
+
+
+class CudaWarmUp(threading.Thread):
+    """Creates DEVICE's CUDA context and loads cuBLAS and cuDNN (a matrix product and a convolution) in the
+    background, while the caller builds the model on the CPU; `seconds` is how long that took. Anything that fails
+    here fails again, with its real message, where the caller first uses the device."""
+
+    def __init__(self, device: torch.device):
+        super().__init__(name="cuda-warm-up", daemon=True)
+        self.device = device
+        self.seconds: float | None = None
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            with torch.cuda.device(self.device):
+                a = torch.ones(64, 64, device=self.device)
+                (a @ a).sum()
+                torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8, device=self.device),
+                                           torch.ones(4, 3, 3, 3, device=self.device))
+                torch.cuda.synchronize(self.device)
+        except Exception:
+            return
+        self.seconds = time.perf_counter() - start

@@ -89,8 +89,13 @@ class ProgressHook(Hook):
             name = torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else "CPU"
             amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[t.amp_dtype]
             self._send(("start", f"{t.device} ({name}) x {t.world_size} worker(s), {amp}"
-                                 f"{', channels_last' if t.channels_last else ''}, "
+                                 f"{', channels_last' if t.channels_last else ''}"
+                                 f"{f', torch.compile ({t.compile_mode})' if t.compiled else ''}, "
                                  f"{t.loader_workers()} loader worker(s) per worker"))
+
+    def notice(self, message: str) -> None:
+        if self.trainer.is_main:
+            self._send(("notice", message))
 
     def before_epoch(self) -> None:
         if self.trainer.is_main:

@@ -16,17 +16,18 @@ from .runtime import all_reduce_mean, autocast
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], loss_fn, meter,
-             device: torch.device, amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+             device: torch.device, amp_dtype: torch.dtype | None = None, forward=None) -> dict[str, float]:
     """val_loss (LOSS_FN's mean over images) and METER's scores (val_iou, val_dice, ...) of MODEL on BATCHES,
     (model input, mask) pairs on DEVICE. Under DDP every rank calls it with its own shard, and each gets the whole
-    split's figures. MODEL is left in eval mode."""
+    split's figures. MODEL is left in eval mode. FORWARD, when given, computes MODEL's output (a compiled forward)."""
     model.eval()
+    forward = forward or model
     meter.reset()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
     for x, y in batches:
         with autocast(device, amp_dtype):
-            logits = model(x)
+            logits = forward(x)
         logits = logits.float()
         loss, _ = loss_fn(logits, y)
         loss_sum += loss.double() * x.shape[0]

@@ -48,10 +48,11 @@ from raysegtrain import config  # noqa: E402
 from raysegtrain.hooks import Hook  # noqa: E402
 
 SIZE = 512
-STARTUP_KEYS = ("first_step_s", "startup_launch_s", "startup_driver_s", "startup_workers_s", "startup_setup_s",
+STARTUP_KEYS = ("first_step_s", "first_step_done_s", "startup_launch_s", "startup_driver_s", "startup_workers_s", "startup_setup_s",
                 "startup_first_batch_s", *(f"startup_driver_{k}_s" for k in ("imports", "checks", "ray", "tracking",
                                                                              "trainer")))
 ROOT = Path(__file__).resolve().parents[1]
+COMPILE_KEYS = ("compile_s", "compile_graphs", "compile_cache_hits", "compile_cache_misses", "compiled")
 
 
 class GpuSampler:
@@ -185,9 +186,10 @@ class EpochClock(Hook):
 
 
 def bare_loop(arch: str, encoder: str, batch: int, steps: int = 30, warm: int = 10, amp: bool = True,
-              channels_last: bool = True, rank: int | None = None) -> dict:
+              channels_last: bool = True, rank: int | None = None, compiled: bool = False) -> dict:
     """The plain PyTorch + smp loop on random tensors already on the GPU. RANK set: one process of a plain DDP run
-    (process group already initialised)."""
+    (process group already initialised). COMPILED: what a user who knows torch.compile writes: the whole step
+    (forward, loss, backward, fused AdamW step) under torch.compile; its warm-up (the first steps) is warmup_s."""
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(0)
@@ -198,7 +200,7 @@ def bare_loop(arch: str, encoder: str, batch: int, steps: int = 30, warm: int = 
     model = model.to(memory_format=fmt)
     if rank is not None:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank])
-    opt = torch.optim.AdamW(model.parameters(), 3e-4)
+    opt = torch.optim.AdamW(model.parameters(), 3e-4, fused=compiled)
     dice, bce = smp.losses.DiceLoss("binary"), torch.nn.BCEWithLogitsLoss()
     x = torch.randn(batch, 3, SIZE, SIZE, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, 1, SIZE, SIZE, device=device) > 0.5).float()
@@ -211,16 +213,21 @@ def bare_loop(arch: str, encoder: str, batch: int, steps: int = 30, warm: int = 
         loss.backward()
         opt.step()
 
+    if compiled:
+        step = torch.compile(step)
+    t_warm = time.perf_counter()
     for _ in range(warm):
         step()
     torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - t_warm
     torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
     for _ in range(steps):
         step()
     torch.cuda.synchronize(device)
     dt = time.perf_counter() - t
-    out = {"img_s": batch * steps / dt, "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    out = {"img_s": batch * steps / dt, "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+           "warmup_s": round(warmup_s, 1)}
     del model, opt, x, y
     torch.cuda.empty_cache()
     return out
@@ -299,6 +306,7 @@ def fit_throughput(overrides: list[str], sampler: GpuSampler | None, gpus: int =
             "data_wait": round(statistics.median(h.get("data_wait_share", float("nan")) for h in steady), 3),
             **{k: round(first[k], 2) for k in STARTUP_KEYS if k in first},
             **{k: round(v, 2) for k, v in first.items() if k.startswith("setup_")}, "wall_s": round(time.time() - t0, 1),
+            **{k: round(sum(h.get(k, 0) for h in hist), 1) for k in COMPILE_KEYS if any(k in h for h in hist)},
             "peak_gib": max((h.get("peak_gpu_gib", 0) for h in hist), default=None)}
 
 
@@ -415,7 +423,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=32,
                     help="batches per GPU and epoch at the largest GPU count (sets the dataset's size)")
-    ap.add_argument("--only", default="ceiling,fp32,overhead,real,pipeline,ddp,scaling,startup,study")
+    ap.add_argument("--only", default="ceiling,compiled,fp32,overhead,real,pipeline,ddp,scaling,startup,study")
     ap.add_argument("--scaling-data", default="real", help="real and/or memory (comma-separated): the scaling rows' data")
     ap.add_argument("--startup-model", default="unet:resnet34", help="the model of the command start-up row")
     ap.add_argument("--head-runs", type=int, default=2, help="command start-up rows against a running head")
@@ -438,6 +446,7 @@ def main() -> int:
     common = [f"data.synthetic.size={size}", f"data.image_size={size}", f"data.synthetic.num_train={num_train}",
               f"data.synthetic.num_val={args.val}", "data.synthetic.num_test=0", f"train.batch_size={args.batch}",
               f"train.epochs={args.epochs}", "train.early_stopping.patience=null", "tracking.enabled=false",
+              "train.compile=off",
               f"scaling.use_gpu={str(not args.cpu).lower()}", "tracking.num_overlays=0"]
     rows = []
     report = {"card": card, "gpus_visible": torch.cuda.device_count(), "cpus": os.cpu_count(),
@@ -462,6 +471,10 @@ def main() -> int:
         if "ceiling" in only:
             ceiling = bare_loop(arch, enc, args.batch)["img_s"]
             emit({"model": spec, "row": "1 ceiling", "gpus": 1, "img_s": ceiling})
+        if "compiled" in only:
+            r = bare_loop(arch, enc, args.batch, compiled=True)
+            emit({"model": spec, "row": "1 ceiling, compiled step + fused AdamW", "gpus": 1, **r,
+                  "ratio": r["img_s"] / ceiling if ceiling else None})
         overhead = None
         if "overhead" in only:
             overhead = r = fit_throughput(common + model, sampler, datasets=in_memory_datasets)
@@ -471,6 +484,15 @@ def main() -> int:
         if "real" in only:
             real = r = fit_throughput(common + model, sampler)
             emit({"model": spec, "row": "3 real", "gpus": 1, **r, "ratio": r["img_s"] / ceiling if ceiling else None})
+        if "compiled" in only:
+            # the compile cache starts empty (cold), then the same fit again (warm: the cache of the first)
+            cache = work / f"compile-cache-{arch}-{enc}"
+            shutil.rmtree(cache, ignore_errors=True)
+            for label in ("cold", "warm"):
+                r = fit_throughput(common + model + ["train.compile=on", f"train.compile_cache={cache}"], sampler)
+                emit({"model": spec, "row": f"3 real, compiled ({label} cache)", "gpus": 1, **r,
+                      "ratio": r["img_s"] / ceiling if ceiling else None,
+                      "vs_eager_fit": r["img_s"] / real["img_s"] if real else None})
         if "fp32" in only and spec == args.models.split(",")[0]:
             # what most scripts run: fp32, NCHW, batch 16 (../shared/gpu/baseline_bench.py's setting)
             r = bare_loop(arch, enc, 16, amp=False, channels_last=False)
