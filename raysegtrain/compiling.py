@@ -21,9 +21,11 @@ from typing import Any, Callable
 
 import torch
 
-# a compiled step repays its warm-up after about this many training images (docs/benchmarks.md: the break-even
-# of a cold compile of U-Net/ResNet-34 on an H200 is ~40k images, of a warm one ~8k; auto compiles runs that train
-# at least this many, so a first run on a new machine roughly breaks even and every later one gains)
+# auto compiles runs that train at least this many images. The rule assumes a warm compile cache (every run after
+# the first on a machine, or a shared cache): compiled U-Net/ResNet-34 512² saves ~0.45 ms an image on an H200 (791
+# vs 582 img/s), so a warm compile of ~5-15 s (a twentieth of a cold one where measured, docs/benchmarks.md) is
+# repaid after ~10-35k images; a cold one (73 s there) only after ~160k, so a machine's first compiled run of this
+# size may end up to a minute slower than eager
 AUTO_MIN_IMAGES = 40_000
 
 
