@@ -109,3 +109,22 @@ def from_viz_file(viz: str | Path, names: Sequence[str], out_dir: str | Path) ->
     confusion_matrix(data["confusion"], names, out_dir / "confusion_matrix.png")
     if len(data["images"]):
         overlays(data["images"], data["masks"], data["preds"], len(names), out_dir / "overlays.png")
+
+
+def lr_range_test(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float,
+                  min_loss_lr: float, path: str | Path) -> None:
+    """Loss against learning rate (log scale): raw and smoothed, the minimum and the suggestion marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses, alpha=0.35, label="loss")
+    ax.plot(lrs, smoothed, label="smoothed loss")
+    ax.axvline(min_loss_lr, color="grey", linestyle=":", label=f"min smoothed loss ({min_loss_lr:.2g})")
+    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggestion ({suggestion:.2g})")
+    finite = [s for s in smoothed if np.isfinite(s)]
+    if finite:  # a diverging tail would squash the curve
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
+    ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("training loss")
+    ax.set_title("LR range test"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import tracking
 from .config import flatten
 from .search_space import SearchSpace
+from .study_final import FINAL_TEST_FILE
 from .study_report import StudyReport, optuna_plots, state_counts
 from .study_trials import TrialProgress, TrialProgressCallback, trial_number
 
@@ -100,8 +101,14 @@ def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace) -> 
         child = tracking.find_child_run(c, run.run_id, TRIAL_TAG, best["trial_id"])
         if child:
             tracking.set_tag(c, child, "best_trial", "true")
+    tags = {"best_trial": best["trial_id"]} if best else {}
+    final = report.final_test
+    if final is not None:  # apart from the validation figures: test_* metrics, its file, and what chose it
+        metrics.update(final.metrics)
+        tracking.log_artifact(c, run.run_id, report.folder / FINAL_TEST_FILE)
+        tags["final_test"] = final.note
     tracking.log_metrics(c, run.run_id, metrics, step=0)
-    tracking.end_run(run.uri, run.run_id, "FINISHED", {"best_trial": best["trial_id"]} if best else {})
+    tracking.end_run(run.uri, run.run_id, "FINISHED", tags)
 
 
 # ----------------------------------------------------------------------------------------------- the trials' runs

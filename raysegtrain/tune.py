@@ -30,8 +30,11 @@ from .config import Config
 from .errors import TrainingError, UserError, one_line
 from .interrupt import StopTuneOnSignal
 from .ray_internal import orphaned_placement_groups
-from .ray_support import build_trainer, init_ray, prestart_train_helpers, ray_scaling, root_cause, storage_root
+from .lr_finder import resolve_trial_lr
+from .ray_support import (build_trainer, init_ray, prestart_train_helpers, range_test_on_worker, ray_scaling,
+                          root_cause, storage_root)
 from .search_space import SearchSpace, load_space
+from .study_final import FinalTest, final_test
 from .study_report import StudyReport, write_report
 from .study_status import StudyStatusTable
 from .study_trials import TrialProgressCallback
@@ -50,6 +53,8 @@ def run_trial(config: dict, space: SearchSpace, trials_storage: str, hooks=()) -
         "tracking": cfg.tracking.model_copy(update={"enabled": False}),
     })
     trial_id = tune.get_context().get_trial_id()
+    # optim.lr=auto: the range test on one worker's resources first (a restored trial re-runs it: same seed, same lr)
+    cfg, _ = resolve_trial_lr(cfg, None, lambda c: range_test_on_worker(c, ray_scaling(c)))
     trainer = build_trainer(cfg, f"trial-{trial_id}", callbacks=[TuneReportCallback()], hooks=hooks)
     try:
         trainer.fit()
@@ -107,6 +112,7 @@ class StudyResult:
     parent_run_id: str | None
     tracking_uri: str | None
     interrupted: bool = False
+    final_test: dict[str, Any] | None = None  # study_final.FinalTest.to_dict(): the test split, once, after selection
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,7 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
             close_interrupted_study(study_run, trial_runs)
         return interrupted_result(place, study_run)
     report = write_report(results, space, place.folder or Path(tempfile.mkdtemp()), trial_runs.states())
+    report.final_test = run_final_test(report, space, trial_runs)
     if study_run:
         log_kept_checkpoints(report, space, trial_runs)
         finish_study_run(study_run, report, space)
@@ -158,6 +165,20 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
 
 
 # ---------------------------------------------------------------------------------------------- run_study's phases
+def run_final_test(report: StudyReport, space: SearchSpace, trial_runs: MLflowTrialLogger) -> FinalTest | None:
+    """The chosen trial's best checkpoint on the test split, once, after the selection (study_final.py); its file
+    beside the leaderboard."""
+    best = report.best
+    if best is None:
+        return None
+    final = final_test(best["trial_id"], space.trial_config(best["_config"]), trial_runs.best_checkpoint(
+        best["trial_id"]), space.metric, best[space.metric], ray_scaling(space.base_config))
+    if final is not None:
+        final.write(report.folder)
+    return final
+
+
+
 def study_name(space_path: str | Path, name: str | None) -> str:
     return name or Path(space_path).stem
 
@@ -263,7 +284,8 @@ def finished_result(place: StudyPlace, report: StudyReport, study_run: StudyRun 
     return StudyResult(place.name, str(report.folder), best["trial_id"] if best else None,
                        best[metric] if best else None,
                        str(report.best_config_path) if report.best_config_path else None, report.rows,
-                       *_run_ids(study_run))
+                       *_run_ids(study_run),
+                       final_test=report.final_test.to_dict() if report.final_test is not None else None)
 
 
 def _run_ids(study_run: StudyRun | None) -> tuple[str | None, str | None]:

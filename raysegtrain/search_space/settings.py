@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import Config, TrainConfig, format_validation_error, monitor_mode
+from ..config import Config, TrainConfig, format_validation_error
 from ..errors import ConfigError
 
 
@@ -20,21 +20,21 @@ class _Settings(BaseModel):
 
 
 class Objective(_Settings):
-    metric: str = Field("val_iou", description="the reported metric that Optuna optimises and ASHA compares")
+    metric: str = Field("auto", description="the reported metric that Optuna optimises and ASHA compares; auto: the "
+                                            "base config's train.monitor (val_fg_iou for binary tasks, val_iou "
+                                            "for multi-class, unless the base sets one)")
     mode: Optional[Literal["max", "min"]] = Field(None, description="default: min for *loss metrics, else max")
 
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
+        if v == "auto":
+            return v
         try:
             TrainConfig.model_validate({"monitor": v})
         except ValidationError as e:
             raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
         return v
-
-    @property
-    def monitor_mode(self) -> str:
-        return monitor_mode(self.metric, self.mode)
 
 
 class Budget(_Settings):
