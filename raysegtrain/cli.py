@@ -96,7 +96,13 @@ def cmd_tune(args) -> int:
     from .tune import run_study
 
     console = make_console()
-    result = run_study(args.space, args.overrides, name=args.name, resume=args.resume, address=args.address,
+    overrides = list(args.overrides)
+    if args.repeat:
+        top, _, seeds = args.repeat.partition("x")
+        if not (top.isdigit() and seeds.isdigit()):
+            raise UserError(f"--repeat {args.repeat!r}: write TOPxSEEDS, e.g. --repeat 3x3")
+        overrides += [f"repeat.top={top}", f"repeat.seeds={seeds}"]
+    result = run_study(args.space, overrides, name=args.name, resume=args.resume, address=args.address,
                        verbose=args.verbose, live=not args.no_progress)
     if result.interrupted:
         console.print(f"[yellow]interrupted[/]: continue with raysegtrain tune {args.space} --resume"
@@ -118,7 +124,20 @@ def cmd_tune(args) -> int:
         table.add_row(str(i), row["trial_id"], f"{value:.4f}" if isinstance(value, float) else "-",
                       str(row["epochs"]), row["state"], row.get("note", ""), *(short_value(p.get(k)) for k in keys))
     console.print(table)
-    console.print(f"best trial {result.best_trial}: {metric} {result.best_value}")
+    if result.repeat:
+        rep = Table(title=f"repeat-best: the top configs over seeds, ranked by the mean {metric}")
+        for col in ("rank", "config of trial", "mean", "std", "95 % CI", "runs", "values"):
+            rep.add_column(col, overflow="fold")
+        for i, row in enumerate(result.repeat, 1):
+            mean, std, lo, hi = (row.get(k) for k in (f"mean_{metric}", "std", "ci95_low", "ci95_high"))
+            rep.add_row(str(i), row["config_of_trial"], f"{mean:.4f}" if mean is not None else "-",
+                        f"{std:.4f}" if std is not None else "-",
+                        f"{lo:.4f}..{hi:.4f}" if lo is not None else "-", str(row["runs"]), row["values"])
+        console.print(rep)
+        console.print(f"best config by the mean over seeds: that of trial {result.best_trial} "
+                      f"(its search run: {metric} {result.best_value})")
+    else:
+        console.print(f"best trial {result.best_trial}: {metric} {result.best_value}")
     best_note = next((row.get("note") for row in result.leaderboard if row["trial_id"] == result.best_trial), None)
     if best_note:
         console.print(f"  [yellow]warning[/]: the best trial's model is {best_note}")
@@ -285,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     t.add_argument("--no-progress", action="store_true", help="no live status table")
+    t.add_argument("--repeat", metavar="TOPxSEEDS",
+                   help="after the search, re-run the TOP configs with SEEDS seeds each and choose by the mean "
+                        "(the space file's repeat: {top, seeds}), e.g. 3x3")
     t.set_defaults(func=cmd_tune)
 
     d = sub.add_parser("data", help="dataset tools")

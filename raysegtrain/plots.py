@@ -128,3 +128,20 @@ def lr_range_test(lrs: Sequence[float], losses: Sequence[float], smoothed: Seque
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def repeat_plot(labels: Sequence[str], values: Sequence[Sequence[float]], means: Sequence[float | None],
+                intervals: Sequence, metric: str, path: str | Path) -> None:
+    """Each config's runs over seeds (dots), its mean (bar) and 95 % interval (error bar), best first."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(1, len(labels)), 4))
+    for i, (vals, mean, ci) in enumerate(zip(values, means, intervals)):
+        ax.scatter([i] * len(vals), vals, color="grey", alpha=0.7, zorder=3)
+        if mean is not None:
+            err = [[mean - ci[0]], [ci[1] - mean]] if ci else None
+            ax.errorbar([i], [mean], yerr=err, fmt="o", color="red", capsize=6, zorder=4)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel(metric), ax.set_title("repeat-best: runs over seeds, mean and 95 % interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

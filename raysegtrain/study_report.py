@@ -24,6 +24,7 @@ class StudyReport:
     leaderboard_csv: Path
     best_config_path: Path | None
     final_test: Any = None  # study_final.FinalTest, once the test split has been evaluated
+    repeat: list | None = None  # study_repeat.RepeatSummary per repeated config, best mean first
 
 
 def write_report(results, space: SearchSpace, out_dir: Path, states: dict[str, str] | None = None) -> StudyReport:
@@ -57,6 +58,25 @@ def leaderboard(results, space: SearchSpace, states: dict[str, str] | None = Non
     rows.sort(key=lambda row: (row[space.metric] is None,
                                -(row[space.metric] or 0) if space.mode == "max" else (row[space.metric] or 0)))
     return rows
+
+
+def apply_repeats(report: StudyReport, summaries: list, space: SearchSpace) -> None:
+    """Repeat-best's statistics into REPORT: each repeated trial's row gains repeat_mean / repeat_std /
+    repeat_ci95, the best mean's row becomes `best` (best_config.yaml rewritten from it), and the files are written."""
+    from .study_repeat import write_repeat_report
+
+    by_trial = {s.trial_id: s for s in summaries}
+    for row in report.rows:
+        s = by_trial.get(row["trial_id"])
+        row["repeat_mean"] = s.mean if s else None
+        row["repeat_std"] = s.std if s else None
+        row["repeat_ci95"] = f"{s.ci95[0]:.4f}..{s.ci95[1]:.4f}" if s and s.ci95 else None
+    write_leaderboard_csv(report.rows, report.leaderboard_csv)
+    write_repeat_report(summaries, space.metric, report.folder)
+    chosen = next((s for s in summaries if s.mean is not None), None)
+    if chosen is not None:
+        report.best = next(r for r in report.rows if r["trial_id"] == chosen.trial_id)
+        report.best_config_path = write_best_config(report.best, space, report.folder / BEST_CONFIG)
 
 
 def state_counts(rows: list[dict]) -> dict[str, int]:
