@@ -55,7 +55,7 @@ def run_trial(config: dict, space: SearchSpace, trials_storage: str, hooks=()) -
         "tracking": cfg.tracking.model_copy(update={"enabled": False}),
     })
     trial_id = tune.get_context().get_trial_id()
-    # optim.lr=auto: the range test on one worker's resources first (a restored trial re-runs it: same seed, same lr)
+    # optim.lr=auto: the range test on one worker's resources first (a restored trial runs it again)
     cfg, _ = resolve_trial_lr(cfg, None, lambda c: range_test_on_worker(c, ray_scaling(c)))
     trainer = build_trainer(cfg, f"trial-{trial_id}", callbacks=[TuneReportCallback()], hooks=hooks)
     try:
