@@ -66,10 +66,28 @@ def cmd_fit(args) -> int:
         return e.exit_code
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
     console.print(f"[bold green]done[/] run {result.run_name}: best {result.monitor} {best}")
+    if result.degenerate:
+        console.print(f"  [yellow]warning[/]: the best model is {result.degenerate} (see the confusion matrix in "
+                      f"MLflow)")
     console.print(f"  best checkpoint: {result.best_checkpoint}")
     if result.mlflow_run_id:
         console.print(f"  MLflow run: {result.mlflow_run_id} ({result.tracking_uri})")
         console.print("  open the UI: raysegtrain ui   (then the runs table link it prints)")
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from .terminal import console as make_console
+    from .train import lr_find
+
+    cfg = _load(args.config)
+    console = make_console()
+    result, files, run_id = lr_find(cfg, address=args.address, verbose=args.verbose, console=console)
+    console.print(f"[bold green]lr-find[/]: {result.summary()}", highlight=False)
+    console.print(f"  plot: {files['plot']}   curve: {files['csv']}")
+    if run_id:
+        console.print(f"  MLflow run: {run_id}")
+    console.print(f"  train with it: raysegtrain fit ... optim.lr={result.suggestion:.3g}   (or optim.lr=auto)")
     return 0
 
 
@@ -78,7 +96,13 @@ def cmd_tune(args) -> int:
     from .tune import run_study
 
     console = make_console()
-    result = run_study(args.space, args.overrides, name=args.name, resume=args.resume, address=args.address,
+    overrides = list(args.overrides)
+    if args.repeat:
+        top, _, seeds = args.repeat.partition("x")
+        if not (top.isdigit() and seeds.isdigit()):
+            raise UserError(f"--repeat {args.repeat!r}: write TOPxSEEDS, e.g. --repeat 3x3")
+        overrides += [f"repeat.top={top}", f"repeat.seeds={seeds}"]
+    result = run_study(args.space, overrides, name=args.name, resume=args.resume, address=args.address,
                        verbose=args.verbose, live=not args.no_progress)
     if result.interrupted:
         console.print(f"[yellow]interrupted[/]: continue with raysegtrain tune {args.space} --resume"
@@ -93,14 +117,40 @@ def cmd_tune(args) -> int:
               for row in result.leaderboard]
     keys = varying_keys(params)
     table = Table(title=f"leaderboard: study {result.name}")
-    for col in ("rank", "trial", metric, "epochs", "state", *column_names(keys)):
+    for col in ("rank", "trial", metric, "epochs", "state", "note", *column_names(keys)):
         table.add_column(col, overflow="fold")
     for i, (row, p) in enumerate(zip(result.leaderboard, params), 1):
         value = row.get(metric)
         table.add_row(str(i), row["trial_id"], f"{value:.4f}" if isinstance(value, float) else "-",
-                      str(row["epochs"]), row["state"], *(short_value(p.get(k)) for k in keys))
+                      str(row["epochs"]), row["state"], row.get("note", ""), *(short_value(p.get(k)) for k in keys))
     console.print(table)
-    console.print(f"best trial {result.best_trial}: {metric} {result.best_value}")
+    if result.repeat:
+        rep = Table(title=f"repeat-best: the top configs over seeds, ranked by the mean {metric}")
+        for col in ("rank", "config of trial", "mean", "std", "95 % CI", "runs", "values"):
+            rep.add_column(col, overflow="fold")
+        for i, row in enumerate(result.repeat, 1):
+            mean, std, lo, hi = (row.get(k) for k in (f"mean_{metric}", "std", "ci95_low", "ci95_high"))
+            rep.add_row(str(i), row["config_of_trial"], f"{mean:.4f}" if mean is not None else "-",
+                        f"{std:.4f}" if std is not None else "-",
+                        f"{lo:.4f}..{hi:.4f}" if lo is not None else "-", str(row["runs"]), row["values"])
+        console.print(rep)
+        console.print(f"best config by the mean over seeds: that of trial {result.best_trial} "
+                      f"(its search run: {metric} {result.best_value})")
+    else:
+        console.print(f"best trial {result.best_trial}: {metric} {result.best_value}")
+    best_note = next((row.get("note") for row in result.leaderboard if row["trial_id"] == result.best_trial), None)
+    if best_note:
+        console.print(f"  [yellow]warning[/]: the best trial's model is {best_note}")
+    if result.final_test:
+        f = result.final_test
+        test_metric = "test_" + metric.removeprefix("val_")
+        value = f.get(test_metric)
+        shown = f"{value:.4f}" if isinstance(value, float) else "n/a"
+        console.print(f"final test (split {f['split']}, trial {f['trial_id']}, evaluated once after selection): "
+                      f"{test_metric} {shown}", highlight=False)
+        console.print(f"  {f['note']}", highlight=False, markup=False)
+    else:
+        console.print("  no test split: the validation figure above chose the config and is optimistic for it")
     console.print(f"  best config: {result.best_config_path}   (raysegtrain fit {result.best_config_path})")
     if result.parent_run_id:
         console.print(f"  MLflow study run: {result.parent_run_id} ({result.tracking_uri}); open: raysegtrain ui")
@@ -239,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     f.set_defaults(func=cmd_fit)
 
+    lf = sub.add_parser("lr-find", help="LR range test on the real loop: loss-vs-lr plot and a suggested optim.lr")
+    lf.add_argument("config", nargs="*", metavar="[CONFIG.yaml | DATASET_DIR] [key=value]", help=CONFIG_ARGS_HELP)
+    lf.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    lf.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
+    lf.set_defaults(func=cmd_lr_find)
+
     t = sub.add_parser("tune", help="search configs with Ray Tune (Optuna + ASHA); every trial is a fit")
     t.add_argument("space", help="search-space YAML (see search_spaces/)")
     t.add_argument("overrides", nargs="*", metavar="key=value",
@@ -248,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     t.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     t.add_argument("--no-progress", action="store_true", help="no live status table")
+    t.add_argument("--repeat", metavar="TOPxSEEDS",
+                   help="after the search, re-run the TOP configs with SEEDS seeds each and choose by the mean "
+                        "(the space file's repeat: {top, seeds}), e.g. 3x3")
     t.set_defaults(func=cmd_tune)
 
     d = sub.add_parser("data", help="dataset tools")

@@ -105,9 +105,12 @@ class DataConfig(Section):
         "imagenet", description="imagenet statistics, the dataset's own (computed on train), or none (0..1)")
     mean: Optional[list[float]] = Field(None, description="explicit per-channel mean (0..1 scale); overrides normalize")
     std: Optional[list[float]] = Field(None, description="explicit per-channel std (0..1 scale); overrides normalize")
-    augment: Union[Literal["default", "none"], list[dict[str, Any]]] = Field(
-        "default", description="'default' (the reference pipeline), 'none', or a list of Albumentations transforms: "
-                               "[{name: HorizontalFlip, p: 0.5}, ...]")
+    augment: Union[Literal["none", "light", "default", "strong"], list[dict[str, Any]]] = Field(
+        "default", description="a preset or a list of Albumentations transforms ([{name: HorizontalFlip, p: 0.5}, "
+                               "...]). none; light: flips and 90-degree turns only (small datasets); default: "
+                               "light + mild affine, brightness/contrast/hue and noise/blur; strong: larger affine "
+                               "with shear, elastic/grid distortion, stronger photometry, gamma, noise/blur. "
+                               "docs/augmentation.md lists each preset transform by transform")
     augment_p: float = Field(0.8, ge=0.0, le=1.0, description="probability that the augmentation pipeline is applied")
     class_weights: Union[Literal["none", "auto"], list[float]] = Field(
         "none", description="per-class loss weights: none, auto (inverse sqrt frequency from train masks) or a list")
@@ -234,9 +237,29 @@ class LossConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------------- optimizer
+class LRFinderConfig(Section):
+    """The LR range test (`raysegtrain lr-find`, and `optim.lr: auto`): lr_finder.py has the rule."""
+
+    min_lr: float = Field(1e-7, gt=0, description="learning rate of the range test's first step")
+    max_lr: float = Field(1.0, gt=0, le=100, description="learning rate of its last step")
+    steps: int = Field(100, ge=10, le=1000, description="optimizer steps at most (it stops earlier on divergence)")
+    smoothing: float = Field(0.8, ge=0, lt=1, description="loss smoothing: exponential moving average factor")
+    diverge: float = Field(4.0, gt=1, description="stop once the smoothed loss exceeds this multiple of its minimum")
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.max_lr <= self.min_lr:
+            raise ValueError(f"max_lr ({self.max_lr}) must be > min_lr ({self.min_lr})")
+        return self
+
+
 class OptimConfig(Section):
     name: Literal["adam", "adamw", "sgd"] = Field("adamw", description="optimizer")
-    lr: float = Field(3e-4, gt=0, le=10, description="base learning rate (per worker; not scaled with workers)")
+    lr: Union[float, Literal["auto"]] = Field(
+        3e-4, description="base learning rate (per worker; not scaled with workers); auto: an LR range test "
+                          "(optim.lr_finder) runs first and its suggestion (the lr at the smoothed loss's minimum / "
+                          "10) is used and recorded (MLflow param lr_find.suggestion)")
+    lr_finder: LRFinderConfig = Field(default_factory=LRFinderConfig)
     weight_decay: float = Field(1e-4, ge=0, description="weight decay")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     nesterov: bool = Field(False, description="SGD Nesterov momentum")
@@ -244,6 +267,14 @@ class OptimConfig(Section):
     encoder_lr_mult: float = Field(1.0, gt=0, description="encoder learning rate = lr * encoder_lr_mult")
     fused: Literal["auto", "on", "off"] = Field(
         "auto", description="the optimizer's fused CUDA kernel (one launch for every parameter); auto: on GPUs")
+
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_range(cls, v):
+        if v != "auto" and not 0 < v <= 10:
+            raise ValueError(f"Input should be greater than 0 and at most 10, or auto (got {v})")
+        return v
 
 
 class ScheduleConfig(Section):
@@ -275,7 +306,12 @@ class TrainConfig(Section):
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
         "auto", description="mixed precision: auto = bf16 on GPUs that support it, fp16 on older GPUs, off on CPU")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels_last memory format (GPU)")
-    monitor: str = Field("val_iou", description=f"metric for best checkpoint and early stopping: {MONITORABLE}")
+    monitor: str = Field(
+        "auto", description=f"metric for best checkpoint and early stopping: {MONITORABLE}, val_iou_<class> or "
+                            "val_dice_<class>. auto: val_fg_iou (the foreground class's IoU) for binary tasks, "
+                            "val_iou for multi-class. val_iou and val_dice are macro means over every class, "
+                            "background included, that the split's targets or predictions hold (a model that "
+                            "predicts background everywhere scores ~0.5 val_iou on a binary task)")
     mode: Literal["auto", "max", "min"] = Field("auto", description="auto: min for losses, max otherwise")
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     seed: int = Field(42, description="seed for weights, sampling and augmentation")
@@ -304,13 +340,19 @@ class TrainConfig(Section):
     @field_validator("monitor")
     @classmethod
     def _monitor(cls, v: str) -> str:
-        if v not in MONITORABLE and not v.startswith("val_iou_") and not v.startswith("val_dice_"):
+        if v != "auto" and v not in MONITORABLE and not v.startswith("val_iou_") and not v.startswith("val_dice_"):
             raise ValueError(f"unknown metric {v!r}{suggest(v, MONITORABLE)}")
         return v
 
     @property
     def monitor_mode(self) -> str:
         return monitor_mode(self.monitor, None if self.mode == "auto" else self.mode)
+
+
+def default_monitor(num_classes: int) -> str:
+    """`train.monitor: auto`: the foreground IoU for binary tasks (a macro mean with background in it rewards
+    predicting nothing), the macro-mean IoU for multi-class."""
+    return "val_fg_iou" if num_classes == 2 else "val_iou"
 
 
 def monitor_mode(metric: str, mode: str | None = None) -> str:
@@ -388,7 +430,12 @@ class Config(Section):
         if self.schedule.warmup_epochs >= self.train.epochs and self.schedule.warmup_epochs > 0:
             raise ValueError(f"schedule.warmup_epochs ({self.schedule.warmup_epochs}) must be < train.epochs "
                              f"({self.train.epochs})")
+        if self.train.monitor == "auto":
+            self.train.monitor = default_monitor(self.data.num_classes)
         m = self.train.monitor
+        if m == "val_fg_iou" and self.data.num_classes != 2:
+            raise ValueError(f"train.monitor val_fg_iou is for binary tasks (data.num_classes=2); with "
+                             f"{self.data.num_classes} classes use val_iou or val_iou_<class>")
         for prefix in ("val_iou_", "val_dice_"):
             if m.startswith(prefix) and m[len(prefix):] not in self.data.names():
                 raise ValueError(f"train.monitor {m!r}: no class {m[len(prefix):]!r} in {self.data.names()}")

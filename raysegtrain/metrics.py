@@ -114,6 +114,7 @@ class ConfusionMeter:
         if self.binary:
             metrics["val_fg_iou"] = metrics[f"val_iou_{self.class_names[1]}"]
         metrics["val_image_iou"], metrics["val_image_iou_std"] = self._image_iou_mean_std()
+        metrics.update(prediction_coverage(confusion))
         return metrics
 
     def _image_iou_mean_std(self) -> tuple[float, float]:
@@ -122,6 +123,28 @@ class ConfusionMeter:
             return math.nan, math.nan
         mean = total / count
         return mean, math.sqrt(max(squares / count - mean * mean, 0.0))
+
+
+def prediction_coverage(confusion: torch.Tensor) -> dict[str, float]:
+    """How many classes the model predicts anywhere in the split (`val_predicted_classes`), and how many classes that
+    the targets hold it never predicts (`val_missed_classes`): the two signs of a degenerate model."""
+    predicted = confusion.sum(dim=0) > 0
+    in_target = confusion.sum(dim=1) > 0
+    return {"val_predicted_classes": float(int(predicted.sum())),
+            "val_missed_classes": float(int((in_target & ~predicted).sum()))}
+
+
+def degenerate_note(metrics: dict) -> str | None:
+    """Why the model behind METRICS (one validated epoch) is degenerate, or None: one class predicted everywhere,
+    or a class of the targets never predicted. None when the metrics carry no coverage figures."""
+    predicted, missed = metrics.get("val_predicted_classes"), metrics.get("val_missed_classes")
+    if predicted is None or missed is None or predicted != predicted:  # NaN: a row without them
+        return None
+    if predicted <= 1:
+        return "degenerate: predicts one class everywhere"
+    if missed > 0:
+        return f"degenerate: never predicts {int(missed)} class(es) present in the targets"
+    return None
 
 
 def per_class_scores(confusion: torch.Tensor, score_fn) -> torch.Tensor:

@@ -109,3 +109,39 @@ def from_viz_file(viz: str | Path, names: Sequence[str], out_dir: str | Path) ->
     confusion_matrix(data["confusion"], names, out_dir / "confusion_matrix.png")
     if len(data["images"]):
         overlays(data["images"], data["masks"], data["preds"], len(names), out_dir / "overlays.png")
+
+
+def lr_range_test(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float,
+                  min_loss_lr: float, path: str | Path) -> None:
+    """Loss against learning rate (log scale): raw and smoothed, the minimum and the suggestion marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses, alpha=0.35, label="loss")
+    ax.plot(lrs, smoothed, label="smoothed loss")
+    ax.axvline(min_loss_lr, color="grey", linestyle=":", label=f"min smoothed loss ({min_loss_lr:.2g})")
+    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggestion ({suggestion:.2g})")
+    finite = [s for s in smoothed if np.isfinite(s)]
+    if finite:  # a diverging tail would squash the curve
+        ax.set_ylim(min(finite) * 0.9, min(max(finite), 4 * min(finite)) * 1.1)
+    ax.set_xscale("log"), ax.set_xlabel("learning rate"), ax.set_ylabel("training loss")
+    ax.set_title("LR range test"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def repeat_plot(labels: Sequence[str], values: Sequence[Sequence[float]], means: Sequence[float | None],
+                intervals: Sequence, metric: str, path: str | Path) -> None:
+    """Each config's runs over seeds (dots), its mean (bar) and 95 % interval (error bar), best first."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * max(1, len(labels)), 4))
+    for i, (vals, mean, ci) in enumerate(zip(values, means, intervals)):
+        ax.scatter([i] * len(vals), vals, color="grey", alpha=0.7, zorder=3)
+        if mean is not None:
+            err = [[mean - ci[0]], [ci[1] - mean]] if ci else None
+            ax.errorbar([i], [mean], yerr=err, fmt="o", color="red", capsize=6, zorder=4)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel(metric), ax.set_title("repeat-best: runs over seeds, mean and 95 % interval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -22,7 +22,8 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
-__all__ = ["build_trainer", "init_ray", "prestart_train_helpers", "ray_scaling", "root_cause", "storage_root"]
+__all__ = ["build_trainer", "init_ray", "prestart_train_helpers", "range_test_on_worker", "ray_scaling", "root_cause",
+           "storage_root"]
 
 
 def init_ray(address: str | None = None, verbose: bool = False) -> None:
@@ -70,6 +71,17 @@ def _check_resources(s) -> bool:
         raise ResourceError(f"{s.num_workers} workers x {s.cpus_per_worker:g} CPU need "
                             f"{s.num_workers * s.cpus_per_worker:g} CPUs; the cluster has {cpus:g}")
     return use_gpu
+
+
+def range_test_on_worker(cfg: Config, scaling: RayScalingConfig, datasets=None):
+    """The LR range test of CFG (lr_finder.run_range_test) as a Ray task holding one training worker's CPUs and GPU,
+    so it runs where training would (a GPU node, not the driver). Returns its `lr_finder.RangeTest`."""
+    from .lr_finder import run_range_test
+
+    res = scaling.resources_per_worker or {}
+    task = ray.remote(num_cpus=res.get("CPU", 1), num_gpus=res.get("GPU", 0) if scaling.use_gpu else 0,
+                      max_retries=0)(run_range_test)
+    return ray.get(task.remote(cfg, "cuda" if scaling.use_gpu else "cpu", datasets))
 
 
 def root_cause(err: BaseException) -> BaseException:

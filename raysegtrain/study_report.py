@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .metrics import degenerate_note
 from .search_space import SearchSpace
 from .study_trials import trial_overrides, trial_state
 
@@ -22,6 +23,8 @@ class StudyReport:
     folder: Path  # where the files below are
     leaderboard_csv: Path
     best_config_path: Path | None
+    final_test: Any = None  # study_final.FinalTest, once the test split has been evaluated
+    repeat: list | None = None  # study_repeat.RepeatSummary per repeated config, best mean first
 
 
 def write_report(results, space: SearchSpace, out_dir: Path, states: dict[str, str] | None = None) -> StudyReport:
@@ -41,17 +44,39 @@ def leaderboard(results, space: SearchSpace, states: dict[str, str] | None = Non
     for r in results:
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         df = r.metrics_dataframe
-        values = df[space.metric].dropna().tolist() if df is not None and space.metric in df else []
-        best = (max if space.mode == "max" else min)(values) if values else None
+        values = df[space.metric].dropna() if df is not None and space.metric in df else None
+        best, note = None, None
+        if values is not None and len(values):
+            at = values.idxmax() if space.mode == "max" else values.idxmin()
+            best, note = float(values[at]), degenerate_note(df.loc[at].to_dict())
         epoch = int((r.metrics or {}).get("epoch", 0) or 0)
         state = trial_state(r.metrics or {}, r.error, space.max_epochs)
         if r.error is None and (states or {}).get(trial_id, "").startswith("stopped:"):
             state = states[trial_id]
-        rows.append({"trial_id": trial_id, space.metric: best, "epochs": epoch, "state": state,
+        rows.append({"trial_id": trial_id, space.metric: best, "epochs": epoch, "state": state, "note": note or "",
                      **{f"param.{k}": v for k, v in trial_overrides(r.config).items()}, "_config": r.config})
     rows.sort(key=lambda row: (row[space.metric] is None,
                                -(row[space.metric] or 0) if space.mode == "max" else (row[space.metric] or 0)))
     return rows
+
+
+def apply_repeats(report: StudyReport, summaries: list, space: SearchSpace) -> None:
+    """Repeat-best's statistics into REPORT: each repeated trial's row gains repeat_mean / repeat_std /
+    repeat_ci95, the best mean's row becomes `best` (best_config.yaml rewritten from it), and the files are written."""
+    from .study_repeat import write_repeat_report
+
+    by_trial = {s.trial_id: s for s in summaries}
+    for row in report.rows:
+        s = by_trial.get(row["trial_id"])
+        row["repeat_mean"] = s.mean if s else None
+        row["repeat_std"] = s.std if s else None
+        row["repeat_ci95"] = f"{s.ci95[0]:.4f}..{s.ci95[1]:.4f}" if s and s.ci95 else None
+    write_leaderboard_csv(report.rows, report.leaderboard_csv)
+    write_repeat_report(summaries, space.metric, report.folder)
+    chosen = next((s for s in summaries if s.mean is not None), None)
+    if chosen is not None:
+        report.best = next(r for r in report.rows if r["trial_id"] == chosen.trial_id)
+        report.best_config_path = write_best_config(report.best, space, report.folder / BEST_CONFIG)
 
 
 def state_counts(rows: list[dict]) -> dict[str, int]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import tracking
 from .config import flatten
 from .search_space import SearchSpace
+from .study_final import FINAL_TEST_FILE
 from .study_report import StudyReport, optuna_plots, state_counts
 from .study_trials import TrialProgress, TrialProgressCallback, trial_number
 
@@ -100,8 +101,25 @@ def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace) -> 
         child = tracking.find_child_run(c, run.run_id, TRIAL_TAG, best["trial_id"])
         if child:
             tracking.set_tag(c, child, "best_trial", "true")
+    tags = {"best_trial": best["trial_id"]} if best else {}
+    if report.repeat:  # repeat-best: the table and its plot; the best mean chose best_config.yaml
+        from .study_repeat import REPEAT_CSV, REPEAT_PLOT
+
+        for name in (REPEAT_CSV, REPEAT_PLOT):
+            tracking.log_artifact(c, run.run_id, report.folder / name, "repeat")
+        top = report.repeat[0]
+        if top.mean is not None:
+            metrics[f"repeat_best_mean_{space.metric}"] = top.mean
+            if top.std is not None:
+                metrics[f"repeat_best_std_{space.metric}"] = top.std
+            tags["repeat_best_config_of_trial"] = top.trial_id
+    final = report.final_test
+    if final is not None:  # apart from the validation figures: test_* metrics, its file, and what chose it
+        metrics.update(final.metrics)
+        tracking.log_artifact(c, run.run_id, report.folder / FINAL_TEST_FILE)
+        tags["final_test"] = final.note
     tracking.log_metrics(c, run.run_id, metrics, step=0)
-    tracking.end_run(run.uri, run.run_id, "FINISHED", {"best_trial": best["trial_id"]} if best else {})
+    tracking.end_run(run.uri, run.run_id, "FINISHED", tags)
 
 
 # ----------------------------------------------------------------------------------------------- the trials' runs

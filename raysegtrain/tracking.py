@@ -10,12 +10,14 @@ Workers never talk to the tracking store.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -235,6 +237,27 @@ def set_tag(c, run_id: str, key: str, value: str) -> None:
 def log_artifact(c, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     """The file at PATH into the run's artifacts, under ARTIFACT_PATH (a folder) when given."""
     c.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_lr_find(uri: str, run_id: str, result, files: dict[str, Path]) -> None:
+    """An LR range test (lr_finder.RangeTest) into a run: its choice as params, the curve as metrics by step, the
+    plot, curve and summary as artifacts under lr_find/."""
+    c = client(uri)
+    log_params(c, run_id, {"lr_find.suggestion": f"{result.suggestion:.6g}",
+                           "lr_find.min_loss_lr": f"{result.min_loss_lr:.6g}",
+                           "lr_find.steepest_lr": f"{result.steepest_lr:.6g}", "lr_find.stop": result.stop,
+                           "lr_find.rule": "lr at the smoothed loss's minimum / 10"})
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, value, now, step) for step, (lr, loss, sm) in
+               enumerate(zip(result.lrs, result.losses, result.smoothed), 1)
+               for key, value in (("lr_find_lr", lr), ("lr_find_loss", loss), ("lr_find_smoothed_loss", sm))
+               if math.isfinite(value)]
+    for i in range(0, len(metrics), 900):
+        c.log_batch(run_id, metrics=metrics[i:i + 900])
+    for path in files.values():
+        c.log_artifact(run_id, str(path), "lr_find")
 
 
 def log_checkpoint(c, run_id: str, checkpoint_dir: str | Path, artifact_path: str = "best_checkpoint") -> None:

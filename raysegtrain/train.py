@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +23,9 @@ from .checkpoint import load_checkpoint
 from .config import Config
 from .errors import TrainingError, UserError, one_line
 from .interrupt import Interrupted, StopOnSignal, signal_name
-from .ray_support import build_trainer, init_ray, prestart_train_helpers, ray_scaling, root_cause, storage_root
+from .metrics import degenerate_note
+from .ray_support import (build_trainer, init_ray, prestart_train_helpers, range_test_on_worker, ray_scaling,
+                          root_cause, storage_root)
 from .runtime import Stopwatch
 
 import ray.train
@@ -41,6 +45,7 @@ class FitResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     path: str | None = None
+    degenerate: str | None = None  # why the best epoch's model is degenerate (metrics.degenerate_note), or None
 
 
 def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, verbose: bool = False,
@@ -67,6 +72,8 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
         on_ready(cfg, name)
     run = open_tracking(cfg, name, resume, mlflow_loading)
     stages("tracking")
+    if cfg.optim.lr == "auto":
+        cfg = choose_lr(cfg, name, run, scaling, console, datasets)
     result = train(cfg, name, run, scaling, t0, stages, progress=progress, console=console, hooks=hooks,
                    datasets=datasets)
     return finish(cfg, name, run, result)
@@ -100,6 +107,58 @@ def start_ray(cfg: Config, address: str | None, verbose: bool) -> RayScalingConf
     init_ray(address, verbose)
     prestart_train_helpers()
     return ray_scaling(cfg)
+
+
+def lr_find(cfg: Config, *, address: str | None = None, verbose: bool = False, console=None):
+    """`raysegtrain lr-find`: the LR range test of CFG alone, on one worker; its plot, curve and summary under
+    run.storage_path/lr-find-<time>/lr_find/ and in an MLflow run of that name. Returns (RangeTest, files, run id)."""
+    from .lr_finder import write_outputs
+
+    if cfg.run.name is None:
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "lr-find-" + new_run_name()[4:]})})
+    cfg, name, console = prepare(cfg, None, address, verbose, None, console, custom_data=False)
+    scaling = start_ray(cfg, address, verbose)
+    result = range_test_on_worker(cfg, scaling)
+    files = write_outputs(result, _lr_find_folder(cfg, name))
+    run_id = None
+    if cfg.tracking.enabled:
+        uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
+        run_id = tracking.start_run(cfg, name, uri=uri, tags={"kind": "lr-find"})
+        tracking.log_lr_find(uri, run_id, result, files)
+        tracking.end_run(uri, run_id, "FINISHED")
+    return result, files, run_id
+
+
+def _lr_find_folder(cfg: Config, name: str) -> Path:
+    root = storage_root(cfg)
+    return Path(root) / name / "lr_find" if "://" not in root else Path(tempfile.mkdtemp(prefix="lr_find-"))
+
+
+def choose_lr(cfg: Config, name: str, run: "TrackedRun", scaling: RayScalingConfig, console, datasets=None) -> Config:
+    """`optim.lr: auto`: the LR range test on one worker, its files beside the run's checkpoints and in its MLflow
+    run, a console line; CFG with the suggested lr."""
+    from .lr_finder import with_lr, write_outputs
+
+    try:
+        result = range_test_on_worker(cfg, scaling, datasets)
+    except Exception as e:
+        cause = root_cause(e)
+        run.end("FAILED", {"error": f"LR range test: {one_line(cause)}"[:4000]})
+        raise TrainingError(f"LR range test (optim.lr=auto): {one_line(cause)}") from None
+    files = write_outputs(result, _lr_find_folder(cfg, name))
+    if run.run_id:
+        tracking.log_lr_find(run.uri, run.run_id, result, files)
+    say(console, f"optim.lr=auto: LR range test {result.summary()}; training with lr {result.suggestion:.3g} "
+                 f"(plot: {files['plot']})")
+    return with_lr(cfg, result.suggestion)
+
+
+def say(console, line: str) -> None:
+    """A line for whoever watches: the console when there is one, else stderr."""
+    if console is not None:
+        console.print(line, markup=False, highlight=False)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -172,7 +231,15 @@ def finish(cfg: Config, name: str, run: TrackedRun, result: ray.train.Result) ->
     return FitResult(run_name=name, monitor=cfg.train.monitor, best_value=best_value, best_checkpoint=best_path,
                      last_checkpoint=result.checkpoint.path if result.checkpoint else None, mlflow_run_id=run.run_id,
                      tracking_uri=run.uri, metrics=result.metrics or {}, history=history,
-                     path=getattr(result, "path", None))
+                     path=getattr(result, "path", None), degenerate=degenerate_note(best_epoch_metrics(history)))
+
+
+def best_epoch_metrics(history: list[dict]) -> dict:
+    """The metrics of the best epoch of HISTORY (the last epoch's `best_epoch`), or {} when none is known."""
+    if not history or history[-1].get("best_epoch") is None:
+        return {}
+    best = int(history[-1]["best_epoch"])
+    return next((h for h in history if int(h.get("epoch", -1)) == best), {})
 
 
 # ------------------------------------------------------------------------------------------------- helpers

@@ -30,9 +30,14 @@ from .config import Config
 from .errors import TrainingError, UserError, one_line
 from .interrupt import StopTuneOnSignal
 from .ray_internal import orphaned_placement_groups
-from .ray_support import build_trainer, init_ray, prestart_train_helpers, ray_scaling, root_cause, storage_root
+from .lr_finder import resolve_trial_lr
+from .ray_support import (build_trainer, init_ray, prestart_train_helpers, range_test_on_worker, ray_scaling,
+                          root_cause, storage_root)
 from .search_space import SearchSpace, load_space
-from .study_report import StudyReport, write_report
+from .search_space.keys import RAY_RESULT_KEY
+from .study_final import FinalTest, final_test
+from .study_repeat import collect, repeat_grid
+from .study_report import StudyReport, apply_repeats, write_report
 from .study_status import StudyStatusTable
 from .study_trials import TrialProgressCallback
 from .study_tracking import (MLflowTrialLogger, StudyRun, close_interrupted_study, finish_study_run,
@@ -50,6 +55,8 @@ def run_trial(config: dict, space: SearchSpace, trials_storage: str, hooks=()) -
         "tracking": cfg.tracking.model_copy(update={"enabled": False}),
     })
     trial_id = tune.get_context().get_trial_id()
+    # optim.lr=auto: the range test on one worker's resources first (a restored trial runs it again)
+    cfg, _ = resolve_trial_lr(cfg, None, lambda c: range_test_on_worker(c, ray_scaling(c)))
     trainer = build_trainer(cfg, f"trial-{trial_id}", callbacks=[TuneReportCallback()], hooks=hooks)
     try:
         trainer.fit()
@@ -107,6 +114,8 @@ class StudyResult:
     parent_run_id: str | None
     tracking_uri: str | None
     interrupted: bool = False
+    final_test: dict[str, Any] | None = None  # study_final.FinalTest.to_dict(): the test split, once, after selection
+    repeat: list[dict[str, Any]] | None = None  # repeat-best rows (study_repeat.RepeatSummary.row), best mean first
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,9 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
             close_interrupted_study(study_run, trial_runs)
         return interrupted_result(place, study_run)
     report = write_report(results, space, place.folder or Path(tempfile.mkdtemp()), trial_runs.states())
+    if space.settings.repeat.top > 0 and report.best is not None:
+        report.repeat = run_repeats(space, place, report, hooks)
+    report.final_test = run_final_test(report, space, trial_runs)
     if study_run:
         log_kept_checkpoints(report, space, trial_runs)
         finish_study_run(study_run, report, space)
@@ -158,6 +170,51 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
 
 
 # ---------------------------------------------------------------------------------------------- run_study's phases
+def run_repeats(space: SearchSpace, place: StudyPlace, report: StudyReport, hooks) -> list | None:
+    """Repeat-best (study_repeat.py): the top configs again over seeds, in parallel like trials; the best config by
+    the mean becomes best_config.yaml and the chosen row. None when stopped by Ctrl-C/SIGTERM."""
+    r = space.settings.repeat
+    grid, origin = repeat_grid(report.rows, space.metric, r.top, r.seeds, space.base_config.train.seed)
+    print(f"repeat-best: the top {len(origin)} config(s) x {r.seeds} seeds = {len(grid)} runs of "
+          f"{space.max_epochs} epochs", file=sys.stderr)
+    results = fit_until_stopped(lambda: make_repeat_tuner(space, place, grid, hooks))
+    if results is None:
+        return None
+    summaries = collect(results, origin, space.metric, space.mode)
+    apply_repeats(report, summaries, space)
+    return summaries
+
+
+def make_repeat_tuner(space: SearchSpace, place: StudyPlace, grid: list[dict], hooks) -> tune.Tuner:
+    """A Tuner over GRID (config x seed overrides), under the study's folder: no searcher, no early stopping."""
+    warm = space.runtime == "warm"
+    checkpoints = tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="checkpoint_score",
+                                        checkpoint_score_order=space.mode) if warm else None
+    return tune.Tuner(
+        make_trainable(space, place.trials_storage, hooks),
+        param_space={RAY_RESULT_KEY: tune.grid_search(grid)},
+        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=1,
+                                    max_concurrent_trials=space.max_concurrent_trials, reuse_actors=warm),
+        run_config=tune.RunConfig(name="repeat", storage_path=place.experiment_path,
+                                  callbacks=[ReleaseOrphanedPlacementGroups()],
+                                  failure_config=tune.FailureConfig(max_failures=0), checkpoint_config=checkpoints,
+                                  verbose=0))
+
+
+def run_final_test(report: StudyReport, space: SearchSpace, trial_runs: MLflowTrialLogger) -> FinalTest | None:
+    """The chosen trial's best checkpoint on the test split, once, after the selection (study_final.py); its file
+    beside the leaderboard."""
+    best = report.best
+    if best is None:
+        return None
+    final = final_test(best["trial_id"], space.trial_config(best["_config"]), trial_runs.best_checkpoint(
+        best["trial_id"]), space.metric, best[space.metric], ray_scaling(space.base_config))
+    if final is not None:
+        final.write(report.folder)
+    return final
+
+
+
 def study_name(space_path: str | Path, name: str | None) -> str:
     return name or Path(space_path).stem
 
@@ -263,7 +320,9 @@ def finished_result(place: StudyPlace, report: StudyReport, study_run: StudyRun 
     return StudyResult(place.name, str(report.folder), best["trial_id"] if best else None,
                        best[metric] if best else None,
                        str(report.best_config_path) if report.best_config_path else None, report.rows,
-                       *_run_ids(study_run))
+                       *_run_ids(study_run),
+                       final_test=report.final_test.to_dict() if report.final_test is not None else None,
+                       repeat=[s.row(metric) for s in report.repeat] if report.repeat else None)
 
 
 def _run_ids(study_run: StudyRun | None) -> tuple[str | None, str | None]:

@@ -26,6 +26,7 @@ from .checkpoint import load_checkpoint
 from .engine import SegmentationTrainer
 from .errors import TrainingError, one_line
 from .hooks import StartupTimingHook
+from .lr_finder import resolve_trial_lr, run_range_test
 from .train_worker import RayReportHook
 
 # Tune waits this long in `reset_config` for the previous trial's thread to end before giving the actor to the next
@@ -86,10 +87,12 @@ def run_warm_trial(config: dict, space, use_gpu: bool, concurrent: int, hooks=()
     cfg = space.trial_config(config)
     cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"enabled": False})})
     device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
-    report = RayReportHook(cfg.tracking.num_overlays, report=tune.report,
-                           first_report={"warm_runtime": 1.0, **actor_snapshot(device)})
+    state = resume_state(tune.get_checkpoint())
+    cfg, found_lr = resolve_trial_lr(cfg, state, lambda c: run_range_test(c, device=str(device)))
+    first = {"warm_runtime": 1.0, **actor_snapshot(device), **({"lr_found": found_lr} if found_lr else {})}
+    report = RayReportHook(cfg.tracking.num_overlays, report=tune.report, first_report=first)
     trainer = WarmTrialTrainer(cfg, [startup, *copy.deepcopy(list(hooks)), report], device=device,
-                               resume_state=resume_state(tune.get_checkpoint()))
+                               resume_state=state)
     trainer.cpu_sharers = max(1, concurrent)
     try:
         trainer.fit()

@@ -19,7 +19,7 @@ from raysegtrain.data.io import read_image, read_mask, read_pixels
 from raysegtrain.data.splits import has_split, list_split, resolve_root
 from raysegtrain.data.statistics import (IMAGENET_MEAN, IMAGENET_STD, Normalizer, class_weights, mean_std,
                                          weights_from_counts)
-from raysegtrain.data.transforms import build_eval_transform, build_train_transform, default_augment, validate_augment
+from raysegtrain.data.transforms import build_eval_transform, build_train_transform, preset_augment, validate_augment
 from raysegtrain.errors import ConfigError, DataError
 
 TINY = SyntheticConfig(size=32, num_train=4, num_val=2, num_test=1, seed=3)
@@ -386,7 +386,7 @@ def test_default_augmentation_means_the_same_on_uint8_and_float():
     cfg = DataConfig(root=".", num_classes=4, ignore_index=255, image_size=32, augment_p=1.0)
     image8, mask = multiclass_sample(dtype=np.uint8)
     image, mask = image8.astype(np.float32) / 255, mask.astype(np.uint8)
-    singles = [t for step in default_augment(cfg) for t in (step.transforms if isinstance(step, A.OneOf) else [step])]
+    singles = [t for step in preset_augment(cfg, "default") for t in (step.transforms if isinstance(step, A.OneOf) else [step])]
     assert {type(t).__name__ for t in singles} >= {"Affine", "RandomBrightnessContrast", "HueSaturationValue",
                                                     "GaussNoise", "GaussianBlur"}
     for t in singles:

@@ -38,7 +38,7 @@ def test_two_epochs_lower_the_loss_and_write_checkpoints(tiny_cfg, tmp_path):
     assert rec.steps == 3 * 3  # 12 images / batch 4
     best, last = load_checkpoint(tmp_path / "best"), load_checkpoint(tmp_path / "last")
     assert last["epoch"] == 3 and 1 <= best["epoch"] <= 3
-    assert best["best_value"] == pytest.approx(max(m["val_iou"] for m in rec.epochs))
+    assert best["best_value"] == pytest.approx(max(m["val_fg_iou"] for m in rec.epochs))  # the binary default monitor
     assert last["config"]["model"]["encoder"] == "resnet18"
     # every epoch's training figures; the first epoch's start-up split adds up to the first step's latency
     assert all(m["epoch_time_s"] > 0 and m["images_per_s"] > 0 and 0 <= m["data_wait_share"] <= 1 for m in rec.epochs)

@@ -63,7 +63,8 @@ def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tin
     logged = {m.step: m.value for m in iou}[state["epoch"]]
     single = evaluate_checkpoint(result.best_checkpoint)
     assert single["val_iou"] == pytest.approx(logged, abs=1e-6)
-    assert result.best_value == pytest.approx(logged, abs=1e-6)
+    fg = {m.step: m.value for m in c.get_metric_history(result.mlflow_run_id, "val_fg_iou")}[state["epoch"]]
+    assert result.best_value == pytest.approx(fg, abs=1e-6) == pytest.approx(single["val_fg_iou"], abs=1e-6)
 
     # the artifact copy in MLflow loads too, weights-only: the resumable state stays in the run's own storage
     local = c.download_artifacts(result.mlflow_run_id, "best_checkpoint", str(tmp_path / "dl"))
@@ -163,7 +164,7 @@ def test_cli_fit_runs_end_to_end(tmp_path, tiny_cfg):
     p = _cli("fit", *TINY, "scaling.num_workers=2", "scaling.use_gpu=false", "run.name=cli", cwd=tmp_path,
              env_extra={"RAYSEGTRAIN_CACHE": os.environ["RAYSEGTRAIN_CACHE"]})
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "best val_iou" in p.stderr and "MLflow run" in p.stderr
+    assert "best val_fg_iou" in p.stderr and "MLflow run" in p.stderr
     assert "on cpu (CPU) x 2 worker(s), fp32" in p.stderr and "epoch 2/2" in p.stderr
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "runs" / "cli").is_dir()
 

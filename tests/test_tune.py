@@ -30,7 +30,10 @@ def test_smoke_study_asha_mlflow_and_best_config(tmp_path, ray_local):
     states = [r["state"] for r in rows]
     assert any(s.startswith("stopped by ASHA") for s in states), states
     assert any(s == "completed" for s in states), states
-    assert result.best_value == max(r["val_iou"] for r in rows if r["val_iou"] is not None)
+    # the binary objective is the foreground IoU (an all-background model cannot win it); every row says whether
+    # its model is degenerate
+    assert "val_fg_iou" in rows[0] and "val_iou" not in rows[0] and all("note" in r for r in rows)
+    assert result.best_value == max(r["val_fg_iou"] for r in rows if r["val_fg_iou"] is not None)
     assert (Path(result.path) / "leaderboard.csv").read_text().count("\n") == len(rows) + 1
 
     c = tracking.client(result.tracking_uri)
@@ -47,7 +50,7 @@ def test_smoke_study_asha_mlflow_and_best_config(tmp_path, ray_local):
     assert len({ch.data.tags[TRIAL_TAG] for ch in children}) == len(rows)
     for ch in children:
         assert ch.info.status == "FINISHED"
-        assert c.get_metric_history(ch.info.run_id, "val_iou"), ch.data.tags[TRIAL_TAG]
+        assert c.get_metric_history(ch.info.run_id, "val_fg_iou"), ch.data.tags[TRIAL_TAG]
         assert any(k.startswith("sampled.") for k in ch.data.params)
     # checkpoints.mlflow: top (3): the three best trials' best weights, weights only, in their runs; on disk only
     # those three checkpoints are left once the study has finished
@@ -62,7 +65,9 @@ def test_smoke_study_asha_mlflow_and_best_config(tmp_path, ray_local):
     assert "model" in weights and "optimizer" not in weights and weights["best_value"] == result.best_value
     assert len([p for p in Path(result.path).rglob("checkpoint_*") if p.is_dir()]) == 3
     stopped = [ch for ch in children if ch.data.tags["state"].startswith("stopped by ASHA")]
-    assert stopped and all(len(c.get_metric_history(ch.info.run_id, "val_iou")) < 3 for ch in stopped)
+    assert stopped and all(len(c.get_metric_history(ch.info.run_id, "val_fg_iou")) < 3 for ch in stopped)
+    # the smoke set has a test split: the chosen trial was evaluated on it once, after the study
+    assert result.final_test["trial_id"] == result.best_trial and "test_fg_iou" in parent.data.metrics
     assert [ch.data.tags.get("best_trial") for ch in children].count("true") == 1
 
     # the best config is a fit config as it stands, and reruns to the same number (CPU, same seed)

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from ..config import DataConfig
 from ..errors import ConfigError, one_line
+from .augment_presets import PRESET_NAMES, preset_spec
 
 SIZE_DIVISOR = 32  # smp encoders downsample 5 times
 
@@ -85,27 +86,19 @@ def _eval_size_steps(cfg: DataConfig) -> list:
 
 # --------------------------------------------------------------------------------------------------- augmentation
 def build_augment(cfg: DataConfig) -> A.Compose | None:
-    """The augmentation block (applied with probability augment_p), or None for augment: none."""
-    if cfg.augment == "none" or cfg.augment_p == 0:
+    """The augmentation block (applied with probability augment_p), or None for augment: none. A preset name
+    (augment_presets.PRESET_NAMES) is its list form built like a user's list."""
+    if cfg.augment_p == 0:
         return None
-    steps = default_augment(cfg) if cfg.augment == "default" else build_augment_list(cfg.augment, cfg.in_channels)
-    return A.Compose(steps, p=cfg.augment_p)
+    steps = preset_augment(cfg, cfg.augment) if isinstance(cfg.augment, str) else build_augment_list(
+        cfg.augment, cfg.in_channels)
+    return A.Compose(steps, p=cfg.augment_p) if steps else None
 
 
-def default_augment(cfg: DataConfig) -> list:
-    """The reference training augmentation: geometry, then photometry, then noise or blur."""
-    steps: list = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
-    if _output_is_square(cfg):  # a 90-degree turn of a non-square crop would break batching
-        steps.append(A.RandomRotate90(p=0.5))
-    steps.append(A.Affine(scale=(0.85, 1.15), translate_percent=(-0.06, 0.06), rotate=(-20, 20),
-                          border_mode=cv2.BORDER_REFLECT_101, p=0.5))
-    photometric = [A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=1.0)]
-    if cfg.in_channels == 3:
-        photometric.append(A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=10, p=1.0))
-    steps.append(A.OneOf(photometric, p=0.6))
-    steps.append(A.OneOf([A.GaussNoise(std_range=(0.01, 0.05), p=1.0),
-                          A.GaussianBlur(blur_limit=0, sigma_limit=(0.3, 1.2), p=1.0)], p=0.3))
-    return steps
+def preset_augment(cfg: DataConfig, name: str) -> list:
+    """The transforms of preset NAME (augment_presets.py) for CFG's channels and output shape."""
+    return build_augment_list(preset_spec(name, cfg.in_channels, _output_is_square(cfg)), cfg.in_channels,
+                              where=f"data.augment={name}")
 
 
 def _output_is_square(cfg: DataConfig) -> bool:
@@ -116,10 +109,11 @@ def _output_is_square(cfg: DataConfig) -> bool:
 def validate_augment(spec: Any, in_channels: int = 3, size_hw: tuple[int, int] = (256, 256)) -> None:
     """Raise ConfigError (naming list index and transform) unless `data.augment` builds, and each listed transform
     runs once on a random image of in_channels x size_hw (pass cfg.in_channels and cfg.size_hw)."""
-    if isinstance(spec, str) and spec in ("default", "none"):
+    if isinstance(spec, str) and spec in PRESET_NAMES:
         return
     if not isinstance(spec, list):
-        raise ConfigError(f"data.augment must be 'default', 'none' or a list of transforms (got {spec!r})")
+        raise ConfigError(f"data.augment must be one of {', '.join(PRESET_NAMES)} or a list of transforms "
+                          f"(got {spec!r})")
     build_augment_list(spec, in_channels, dry_run_hw=tuple(size_hw))
 
 
@@ -166,7 +160,12 @@ def _transform_class(name: str, where: str) -> type:
 
 def _construct(cls: type, args: dict, label: str, strict: bool):
     try:
-        return cls(**args, strict=True) if strict else cls(**args)
+        try:
+            return cls(**args, strict=True) if strict else cls(**args)
+        except TypeError as e:  # a transform without Albumentations' `strict` (e.g. RandomRotate90): build it plain
+            if not strict or "'strict'" not in str(e):
+                raise
+            return cls(**args)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{label}: {_one_line(e)}") from None
 

@@ -4,12 +4,13 @@ A space file is a base fit config plus distributions over its dotted keys, and t
 
     base: ../my_fit.yaml              # a fit config file (relative to this file) or an inline mapping
     overrides: [train.batch_size=16]  # dotted key=value applied to the base
-    objective: {metric: val_iou, mode: max}          # mode default: min for *loss metrics, else max
+    objective: {metric: auto, mode: max}   # auto: val_fg_iou (binary) / val_iou; mode default: min for *loss
     budget: {num_samples: 8, time_budget_s: 3600}
     max_concurrent_trials: 4
     trial: {num_workers: 1, gpus_per_worker: 0.25, cpus_per_worker: 4}   # -> scaling.* of every trial
     asha: {max_epochs: 20, grace_period: 2, reduction_factor: 3}        # max_epochs -> train.epochs
     searcher: {algorithm: tpe, seed: 0, points_to_evaluate: [{model.arch: unet, model.encoder: resnet34}]}
+    repeat: {top: 3, seeds: 3}        # after the search: the top 3 configs x 3 seeds, the best chosen by the mean
     space:
       optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
       model.arch:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import Config, TrainConfig, format_validation_error, monitor_mode
+from ..config import Config, TrainConfig, format_validation_error
 from ..errors import ConfigError
 
 
@@ -20,21 +20,21 @@ class _Settings(BaseModel):
 
 
 class Objective(_Settings):
-    metric: str = Field("val_iou", description="the reported metric that Optuna optimises and ASHA compares")
+    metric: str = Field("auto", description="the reported metric that Optuna optimises and ASHA compares; auto: the "
+                                            "base config's train.monitor (val_fg_iou for binary tasks, val_iou "
+                                            "for multi-class, unless the base sets one)")
     mode: Optional[Literal["max", "min"]] = Field(None, description="default: min for *loss metrics, else max")
 
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
+        if v == "auto":
+            return v
         try:
             TrainConfig.model_validate({"monitor": v})
         except ValidationError as e:
             raise ValueError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
         return v
-
-    @property
-    def monitor_mode(self) -> str:
-        return monitor_mode(self.metric, self.mode)
 
 
 class Budget(_Settings):
@@ -105,6 +105,13 @@ class CheckpointSettings(_Settings):
         return {"all": None, "top": self.top, "best": 1, "none": 0}[self.mlflow]
 
 
+class RepeatSettings(_Settings):
+    """Repeat-best: after the search, the top configs trained again with several seeds (study_repeat.py)."""
+
+    top: int = Field(0, ge=0, description="configs re-run after the search, best first; 0 = no repeats")
+    seeds: int = Field(3, ge=2, le=50, description="seeds per config (train.seed, train.seed+1, ...)")
+
+
 class SpaceFile(_Settings):
     base: Union[str, dict[str, Any]] = Field(default_factory=dict, description="fit config: path or inline mapping")
     overrides: list[str] = Field(default_factory=list, description="dotted key=value applied to the base")
@@ -115,10 +122,12 @@ class SpaceFile(_Settings):
     asha: Asha = Field(default_factory=Asha)
     searcher: Searcher = Field(default_factory=Searcher)
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    repeat: RepeatSettings = Field(default_factory=RepeatSettings)
     space: dict[str, Any] = Field(description="distributions over dotted config keys")
 
 
-SETTINGS_KEYS = ("objective", "budget", "max_concurrent_trials", "trial", "asha", "searcher", "checkpoints")
+SETTINGS_KEYS = ("objective", "budget", "max_concurrent_trials", "trial", "asha", "searcher", "checkpoints",
+                 "repeat")
 # a config section written at the top of a space file: say where it belongs rather than guess a settings key
 _MISPLACED = {section: "config sections go under base: (or use overrides)" for section in Config.model_fields}
 

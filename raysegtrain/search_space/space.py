@@ -17,7 +17,7 @@ from typing import Any, Iterator, Optional
 
 from pydantic import ValidationError
 
-from ..config import LOSS_TERMS, Config, apply_overrides, format_validation_error
+from ..config import LOSS_TERMS, Config, apply_overrides, format_validation_error, monitor_mode
 from ..errors import ConfigError
 from .keys import LOSS_WEIGHT_KEYS, RAY_RESULT_KEY
 from .naming import assign_names, check_conflicts, check_unique_names
@@ -54,11 +54,12 @@ class SearchSpace:
     # -- settings --------------------------------------------------------------------------------------------
     @property
     def metric(self) -> str:
-        return self.settings.objective.metric
+        """The objective, resolved: `objective.metric`, or for `auto` the base config's train.monitor."""
+        return self._metric
 
     @property
     def mode(self) -> str:
-        return self.settings.objective.monitor_mode
+        return monitor_mode(self._metric, self.settings.objective.mode)
 
     @property
     def num_samples(self) -> int:
@@ -160,6 +161,8 @@ class SearchSpace:
         s = self.settings
         raw = apply_overrides(base_raw, s.overrides)
         base = self._build(raw, {}, "base")
+        asked = s.objective.metric
+        self._metric = base.train.monitor if asked == "auto" else asked
         fixed = {**s.trial.as_overrides(), "train.epochs": s.asha.max_epochs or base.train.epochs,
                  "train.monitor": self.metric, "train.mode": self.mode}
         # short trials: checkpoints on improvement and at the end, no cuDNN autotuning, unless the base says otherwise
