@@ -12,6 +12,7 @@ from .search_space import SearchSpace
 from .study_trials import trial_overrides, trial_state
 
 LEADERBOARD_CSV = "leaderboard.csv"
+FG_IOU = "val_fg_iou"
 BEST_CONFIG = "best_config.yaml"
 
 
@@ -43,11 +44,15 @@ def leaderboard(results, space: SearchSpace, states: dict[str, str] | None = Non
         df = r.metrics_dataframe
         values = df[space.metric].dropna().tolist() if df is not None and space.metric in df else []
         best = (max if space.mode == "max" else min)(values) if values else None
+        fg_iou = None  # the foreground IoU at the epoch of the best value (binary tasks report it)
+        if best is not None and FG_IOU in df:
+            at_best = df.loc[df[space.metric] == best, FG_IOU].dropna()
+            fg_iou = float(at_best.iloc[0]) if len(at_best) else None
         epoch = int((r.metrics or {}).get("epoch", 0) or 0)
         state = trial_state(r.metrics or {}, r.error, space.max_epochs)
         if r.error is None and (states or {}).get(trial_id, "").startswith("stopped:"):
             state = states[trial_id]
-        rows.append({"trial_id": trial_id, space.metric: best, "epochs": epoch, "state": state,
+        rows.append({"trial_id": trial_id, space.metric: best, "fg_iou": fg_iou, "epochs": epoch, "state": state,
                      **{f"param.{k}": v for k, v in trial_overrides(r.config).items()}, "_config": r.config})
     rows.sort(key=lambda row: (row[space.metric] is None,
                                -(row[space.metric] or 0) if space.mode == "max" else (row[space.metric] or 0)))

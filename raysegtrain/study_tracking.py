@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tracking
+from . import mlflow_links, study_view, tracking
 from .config import flatten
 from .search_space import SearchSpace
 from .study_report import StudyReport, optuna_plots, state_counts
@@ -21,32 +21,54 @@ from .study_trials import TrialProgress, TrialProgressCallback, trial_number
 TRIAL_TAG = "raysegtrain.trial_id"
 STUDY_TAG = "raysegtrain.study"
 RUNTIME_TAG = "raysegtrain.trial_runtime"
+KIND_TAG = "raysegtrain.kind"
+BASE_CONFIG = "base_config.yaml"
+# run_tags that describe one model; a study's run describes a search over them
+_MODEL_TAGS = ("architecture", "encoder", "num_workers")
 
 
 @dataclass(frozen=True)
 class StudyRun:
     uri: str
     run_id: str
+    experiment_id: str
+
+    def view_route(self) -> str:
+        """The runs table showing this study's trials, best first, with their columns (the saved view)."""
+        return mlflow_links.runs_route(self.experiment_id, self.run_id)
 
 
 # ----------------------------------------------------------------------------------------------- the study's run
 def open_study_run(space: SearchSpace, space_path: str | Path, name: str, resume: bool) -> StudyRun | None:
     """The study's parent run (None when the base config turns tracking off): on --resume the one of that name,
-    reopened; else a new one with the study's settings as params and its space file as an artifact."""
+    reopened; else a new one that carries the study's own params and tags (settings, objective, budget, the space's
+    distributions; not the base config's, which is an artifact), and the saved runs-table view of its trials."""
     base = space.base_config
     if not base.tracking.enabled:
         return None
     uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
     parent = tracking.find_run(uri, base.tracking.experiment, name) if resume else None
+    c = tracking.client(uri)
     if parent is None:
-        parent = tracking.start_run(base, name, uri=uri, tags={STUDY_TAG: name, "raysegtrain.kind": "study"})
-        c = tracking.client(uri)
+        tags = {k: v for k, v in tracking.run_tags(base).items() if k not in _MODEL_TAGS}
+        tags.update({STUDY_TAG: name, KIND_TAG: "study", "objective": f"{space.metric} ({space.mode})"})
+        parent = tracking.create_run(uri, base.tracking.experiment, name, tags)
         settings = {k: v for k, v in space.to_dict()["resolved"].items() if k != "parameters"}
-        tracking.log_params(c, parent, flatten(settings, "study."))
+        tracking.log_params(c, parent, {**flatten(settings, "study."),
+                                        **{f"space.{k}": v for k, v in space.parameters.items()}})
         tracking.log_artifact(c, parent, Path(space_path).resolve(), "study")
+        with tempfile.TemporaryDirectory() as d:
+            base.to_yaml(Path(d) / BASE_CONFIG)
+            tracking.log_artifact(c, parent, Path(d) / BASE_CONFIG)
+        tracking.set_description(c, parent, f"Study `{name}` running: objective {space.metric} ({space.mode}); "
+                                            f"its trials are the nested runs below. This text becomes the study's "
+                                            f"leaderboard when it ends.")
     else:
-        tracking.mark_running(tracking.client(uri), parent)
-    return StudyRun(uri, parent)
+        tracking.mark_running(c, parent)
+    run = StudyRun(uri, parent, tracking.experiment_of(c, parent))
+    tracking.set_experiment_tag(c, run.experiment_id, mlflow_links.shared_view_tag(parent),
+                                study_view.view_state_json(space, parent))
+    return run
 
 
 def close_interrupted_study(run: StudyRun, trial_runs: MLflowTrialLogger) -> None:
@@ -83,9 +105,10 @@ def prune_checkpoints(folder: Path | None, keep: set[str]) -> int:
     return removed
 
 
-def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace) -> None:
-    """Leaderboard, best config and Optuna plots as artifacts, trial counts and the best value as metrics, the best
-    trial's run tagged; then the run ends FINISHED."""
+def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace, trial_runs: "MLflowTrialLogger") -> None:
+    """Leaderboard, best config and Optuna plots as artifacts; trial counts and the best value as metrics; each
+    ranked trial's run tagged with its rank; the winner named on the study's run (its run name and id); the study's
+    description the markdown dashboard; then the run ends FINISHED."""
     c = tracking.client(run.uri)
     tracking.log_artifact(c, run.run_id, report.leaderboard_csv)
     if report.best_config_path:
@@ -94,22 +117,39 @@ def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace) -> 
         for p in optuna_plots(report.rows, space, Path(d)):
             tracking.log_artifact(c, run.run_id, p, "optuna")
     metrics = {f"trials_{k.replace(' ', '_')}": v for k, v in state_counts(report.rows).items()}
+    runs = trial_runs.run_names()
+    rank = 0
+    for row in report.rows:
+        if row[space.metric] is not None and row["trial_id"] in runs:
+            rank += 1
+            tracking.set_tag(c, runs[row["trial_id"]][0], "study_rank", str(rank))
+    tags = {}
     best = report.best
     if best is not None:
-        metrics[f"best_{space.metric}"] = best[space.metric]
-        child = tracking.find_child_run(c, run.run_id, TRIAL_TAG, best["trial_id"])
-        if child:
-            tracking.set_tag(c, child, "best_trial", "true")
+        metrics[study_view.best_metric_name(space.metric)] = best[space.metric]
+        tags["best_trial_id"] = best["trial_id"]
+        if best["trial_id"] in runs:
+            tags["best_trial"], tags["best_trial_run_id"] = runs[best["trial_id"]][1], runs[best["trial_id"]][0]
+        tags["winner"] = " ".join(f"{k[6:]}={study_view.short_number(v)}" for k, v in best.items()
+                                  if k.startswith("param.") and v is not None)
     tracking.log_metrics(c, run.run_id, metrics, step=0)
-    tracking.end_run(run.uri, run.run_id, "FINISHED", {"best_trial": best["trial_id"]} if best else {})
+    tracking.set_description(c, run.run_id, study_view.dashboard(run_name(c, run.run_id), space, report.rows, runs,
+                                                                 run.experiment_id, run.run_id))
+    tracking.end_run(run.uri, run.run_id, "FINISHED", tags)
+
+
+def run_name(c, run_id: str) -> str:
+    return c.get_run(run_id).info.run_name
 
 
 # ----------------------------------------------------------------------------------------------- the trials' runs
 @dataclass
 class TrialRun(TrialProgress):
     run_id: str | None = None
+    name: str | None = None
     started: float = 0.0
     startup_s: float | None = None
+    fg_iou_at_best: float | None = None  # the foreground IoU of the epoch with the best objective
 
 
 class MLflowTrialLogger(TrialProgressCallback):
@@ -154,6 +194,8 @@ class MLflowTrialLogger(TrialProgressCallback):
             if self.client and st.run_id:
                 tracking.log_metrics(self.client, st.run_id, {"trial_startup_s": st.startup_s}, step=0)
         super().on_trial_result(iteration, trials, trial, result, **info)
+        if st.best_epoch == st.epoch and isinstance(result.get(study_view.FG_IOU), (int, float)):
+            st.fg_iou_at_best = float(result[study_view.FG_IOU])
         if self.client and st.run_id:
             tracking.log_metrics(self.client, st.run_id, result, step=st.epoch)
 
@@ -180,6 +222,10 @@ class MLflowTrialLogger(TrialProgressCallback):
         tracking.set_tag(self.client, st.run_id, "best_checkpoint", "logged")
         return True
 
+    def run_names(self) -> dict[str, tuple[str, str]]:
+        """{trial id: (run id, run name)} of the trials with a run."""
+        return {trial_id: (st.run_id, st.name or trial_id) for trial_id, st in self.trials.items() if st.run_id}
+
     def _trial_id(self, st: TrialRun) -> str:
         return next(trial_id for trial_id, other in self.trials.items() if other is st)
 
@@ -196,24 +242,29 @@ class MLflowTrialLogger(TrialProgressCallback):
 
     def _open_child(self, trial, st: TrialRun) -> str:
         cfg = self.space.trial_config(trial.config)
-        run_id = tracking.start_run(cfg, child_run_name(trial, cfg), uri=self.uri,
-                                    parent_run_id=self.parent_run_id,
-                                    tags={TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study,
-                                          RUNTIME_TAG: self.space.runtime})
-        tracking.log_params(self.client, run_id, {f"sampled.{k}": v for k, v in st.params.items()})
-        return run_id
+        st.name = study_view.trial_run_name(trial_number(trial), study_view.number_width(self.space.num_samples),
+                                            cfg.model.arch, cfg.model.encoder, st.params)
+        # the sampled values are the trial config's own params (logged once); `sampled` names which they are
+        return tracking.start_run(cfg, st.name, uri=self.uri, parent_run_id=self.parent_run_id,
+                                  tags={TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study, KIND_TAG: "trial",
+                                        RUNTIME_TAG: self.space.runtime, "outcome": "running",
+                                        "sampled": ", ".join(st.params)})
 
     def _close_child(self, st: TrialRun, status: str) -> None:
         if not (self.client and st.run_id):
             return
         if self.space.settings.checkpoints.mlflow == "all" and status != "FAILED":
             self.log_best_checkpoint(self._trial_id(st))
-        tags = {"state": st.state}
+        outcome = study_view.outcome(st.state)
+        metric = self.space.metric
+        # what the trial reached (a run's latest value is its last epoch's, not its best), and a 0/1 marker of
+        # the trials ASHA pruned, to sort and filter on
+        final = {"pruned": float(outcome == "pruned")}
         if st.best is not None:
-            tags[f"best_{self.space.metric}"] = f"{st.best:.6g}"
-        tracking.end_run(self.uri, st.run_id, status, tags)
-
-
-def child_run_name(trial, cfg) -> str:
-    """What a trial is, for the MLflow runs table: `0007 deeplabv3plus/resnet18`."""
-    return f"{trial_number(trial):04d} {cfg.model.arch}/{cfg.model.encoder}"
+            final[study_view.best_metric_name(metric)] = st.best
+        if st.fg_iou_at_best is not None and metric != study_view.FG_IOU:
+            final[study_view.best_metric_name(study_view.FG_IOU)] = st.fg_iou_at_best
+        tracking.log_metrics(self.client, st.run_id, final, step=st.epoch)
+        tracking.set_description(self.client, st.run_id, study_view.trial_description(
+            st.state, metric, st.best, st.best_epoch, st.epoch, st.fg_iou_at_best))
+        tracking.end_run(self.uri, st.run_id, status, {"state": st.state, "outcome": outcome})

@@ -107,6 +107,7 @@ class StudyResult:
     parent_run_id: str | None
     tracking_uri: str | None
     interrupted: bool = False
+    view_route: str | None = None  # the MLflow UI's route to the study's trials (mlflow_links)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
     report = write_report(results, space, place.folder or Path(tempfile.mkdtemp()), trial_runs.states())
     if study_run:
         log_kept_checkpoints(report, space, trial_runs)
-        finish_study_run(study_run, report, space)
+        finish_study_run(study_run, report, space, trial_runs)
     if space.settings.checkpoints.prune:
         keep = {trial_runs.best_checkpoint(trial_id) for trial_id in kept_trials(report, space)}
         prune_checkpoints(place.folder, {p for p in keep if p})
@@ -255,7 +256,7 @@ def fit_until_stopped(make: Callable[[], tune.Tuner]):
 
 def interrupted_result(place: StudyPlace, study_run: StudyRun | None) -> StudyResult:
     return StudyResult(place.name, str(place.folder or place.storage), None, None, None, [], *_run_ids(study_run),
-                       interrupted=True)
+                       interrupted=True, view_route=study_run.view_route() if study_run else None)
 
 
 def finished_result(place: StudyPlace, report: StudyReport, study_run: StudyRun | None, metric: str) -> StudyResult:
@@ -263,7 +264,7 @@ def finished_result(place: StudyPlace, report: StudyReport, study_run: StudyRun 
     return StudyResult(place.name, str(report.folder), best["trial_id"] if best else None,
                        best[metric] if best else None,
                        str(report.best_config_path) if report.best_config_path else None, report.rows,
-                       *_run_ids(study_run))
+                       *_run_ids(study_run), view_route=study_run.view_route() if study_run else None)
 
 
 def _run_ids(study_run: StudyRun | None) -> tuple[str | None, str | None]:
