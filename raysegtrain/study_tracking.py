@@ -9,7 +9,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import mlflow_links, study_view, tracking
@@ -22,6 +22,7 @@ TRIAL_TAG = "raysegtrain.trial_id"
 STUDY_TAG = "raysegtrain.study"
 RUNTIME_TAG = "raysegtrain.trial_runtime"
 KIND_TAG = "raysegtrain.kind"
+CURVE_KEYS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice")
 BASE_CONFIG = "base_config.yaml"
 # run_tags that describe one model; a study's run describes a search over them
 _MODEL_TAGS = ("architecture", "encoder", "num_workers")
@@ -32,6 +33,7 @@ class StudyRun:
     uri: str
     run_id: str
     experiment_id: str
+    experiment: str  # its name: the trials' runs go there too
 
     def view_route(self) -> str:
         """The runs table showing this study's trials, best first, with their columns (the saved view)."""
@@ -47,12 +49,13 @@ def open_study_run(space: SearchSpace, space_path: str | Path, name: str, resume
     if not base.tracking.enabled:
         return None
     uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
-    parent = tracking.find_run(uri, base.tracking.experiment, name) if resume else None
+    experiment = study_experiment(base, name)
+    parent = tracking.find_run(uri, experiment, name) if resume else None
     c = tracking.client(uri)
     if parent is None:
         tags = {k: v for k, v in tracking.run_tags(base).items() if k not in _MODEL_TAGS}
         tags.update({STUDY_TAG: name, KIND_TAG: "study", "objective": f"{space.metric} ({space.mode})"})
-        parent = tracking.create_run(uri, base.tracking.experiment, name, tags)
+        parent = tracking.create_run(uri, experiment, name, tags)
         settings = {k: v for k, v in space.to_dict()["resolved"].items() if k != "parameters"}
         tracking.log_params(c, parent, {**flatten(settings, "study."),
                                         **{f"space.{k}": v for k, v in space.parameters.items()}})
@@ -65,10 +68,15 @@ def open_study_run(space: SearchSpace, space_path: str | Path, name: str, resume
                                             f"leaderboard when it ends.")
     else:
         tracking.mark_running(c, parent)
-    run = StudyRun(uri, parent, tracking.experiment_of(c, parent))
+    run = StudyRun(uri, parent, tracking.experiment_of(c, parent), experiment)
     tracking.set_experiment_tag(c, run.experiment_id, mlflow_links.shared_view_tag(parent),
                                 study_view.view_state_json(space, parent))
     return run
+
+
+def study_experiment(base, study: str) -> str:
+    """The experiment of study STUDY's runs: `tracking.study_experiment`, else its own, `<experiment>/<study>`."""
+    return base.tracking.study_experiment or f"{base.tracking.experiment}/{study}"
 
 
 def close_interrupted_study(run: StudyRun, trial_runs: MLflowTrialLogger) -> None:
@@ -84,10 +92,14 @@ def kept_trials(report: StudyReport, space: SearchSpace) -> list[str]:
 
 
 def log_kept_checkpoints(report: StudyReport, space: SearchSpace, trial_runs: MLflowTrialLogger) -> None:
-    """Top/best policies: the kept trials' best checkpoints go to their runs once the ranking is known."""
+    """Top/best policies: the kept trials' best checkpoints go to their runs once the ranking is known; the top
+    `checkpoints.top` trials get their pictures (curves, confusion matrix, overlays), to compare side by side."""
     if space.settings.checkpoints.mlflow in ("top", "best"):
         for trial_id in kept_trials(report, space):
             trial_runs.log_best_checkpoint(trial_id)
+    ranked = [row["trial_id"] for row in report.rows if row[space.metric] is not None]
+    for trial_id in ranked[:space.settings.checkpoints.top]:
+        trial_runs.log_plots(trial_id)
 
 
 def prune_checkpoints(folder: Path | None, keep: set[str]) -> int:
@@ -150,6 +162,7 @@ class TrialRun(TrialProgress):
     started: float = 0.0
     startup_s: float | None = None
     fg_iou_at_best: float | None = None  # the foreground IoU of the epoch with the best objective
+    history: list = field(default_factory=list)  # per epoch: the figures the curves plot
 
 
 class MLflowTrialLogger(TrialProgressCallback):
@@ -163,6 +176,7 @@ class MLflowTrialLogger(TrialProgressCallback):
         super().__init__(space, study)
         self.uri = study_run.uri if study_run else None
         self.parent_run_id = study_run.run_id if study_run else None
+        self.experiment = study_run.experiment if study_run else None
         self._client = None
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment state; a client does not pickle
@@ -188,16 +202,18 @@ class MLflowTrialLogger(TrialProgressCallback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         st = self.progress(trial)
+        super().on_trial_result(iteration, trials, trial, result, **info)
+        if st.best_epoch == st.epoch and isinstance(result.get(study_view.FG_IOU), (int, float)):
+            st.fg_iou_at_best = float(result[study_view.FG_IOU])
+        st.history.append({k: v for k, v in result.items()
+                           if k in CURVE_KEYS + (self.space.metric,) and isinstance(v, (int, float))})
+        if self.client and st.run_id:
+            tracking.log_metrics(self.client, st.run_id, result, step=st.epoch, first=self.space.metric)
         if st.startup_s is None and st.started and result.get("first_batch_time"):
             # from the trial's start (its actor up, or reused) to its first training batch in hand
             st.startup_s = float(result["first_batch_time"]) - st.started
             if self.client and st.run_id:
                 tracking.log_metrics(self.client, st.run_id, {"trial_startup_s": st.startup_s}, step=0)
-        super().on_trial_result(iteration, trials, trial, result, **info)
-        if st.best_epoch == st.epoch and isinstance(result.get(study_view.FG_IOU), (int, float)):
-            st.fg_iou_at_best = float(result[study_view.FG_IOU])
-        if self.client and st.run_id:
-            tracking.log_metrics(self.client, st.run_id, result, step=st.epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         super().on_trial_complete(iteration, trials, trial, **info)
@@ -222,6 +238,15 @@ class MLflowTrialLogger(TrialProgressCallback):
         tracking.set_tag(self.client, st.run_id, "best_checkpoint", "logged")
         return True
 
+    def log_plots(self, trial_id: str) -> None:
+        """Curves, confusion matrix and overlays of the trial's best checkpoint into its run, as a fit has them."""
+        st = self.trials.get(trial_id)
+        if not (self.client and st and st.run_id):
+            return
+        cfg = self.space.trial_config(st.params)
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_checkpoint": False})})
+        tracking.log_final_artifacts(self.uri, st.run_id, cfg, st.history, self.best_checkpoint(trial_id))
+
     def run_names(self) -> dict[str, tuple[str, str]]:
         """{trial id: (run id, run name)} of the trials with a run."""
         return {trial_id: (st.run_id, st.name or trial_id) for trial_id, st in self.trials.items() if st.run_id}
@@ -242,10 +267,12 @@ class MLflowTrialLogger(TrialProgressCallback):
 
     def _open_child(self, trial, st: TrialRun) -> str:
         cfg = self.space.trial_config(trial.config)
+        drawn = {k: st.params[k] for k in study_view.sampled_keys(self.space) if k in st.params}
         st.name = study_view.trial_run_name(trial_number(trial), study_view.number_width(self.space.num_samples),
-                                            cfg.model.arch, cfg.model.encoder, st.params)
+                                            cfg.model.arch, cfg.model.encoder, drawn)
         # the sampled values are the trial config's own params (logged once); `sampled` names which they are
         return tracking.start_run(cfg, st.name, uri=self.uri, parent_run_id=self.parent_run_id,
+                                  experiment=self.experiment,
                                   tags={TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study, KIND_TAG: "trial",
                                         RUNTIME_TAG: self.space.runtime, "outcome": "running",
                                         "sampled": ", ".join(st.params)})

@@ -75,16 +75,11 @@ def trial_description(state: str, metric: str, best: float | None, best_epoch: i
 
 # -------------------------------------------------------------------------------------------- the study's view
 def sampled_keys(space) -> list[str]:
-    """Every config key the space samples, in the order the space names them."""
+    """The config keys the space draws a value for (constants and branch labels left out), in the space's order."""
     from .search_space.nodes import Constant, iter_nodes
 
-    keys: dict[str, None] = {}
-    for node in iter_nodes(space.nodes):
-        if not isinstance(node, Constant):
-            for key in sorted(node.keys_set()):
-                if "." in key:  # a branch label (loss_mix) sets keys, it is none itself
-                    keys.setdefault(key)
-    return list(keys)
+    keys = [node.key for node in iter_nodes(space.nodes) if not isinstance(node, Constant) and "." in node.key]
+    return list(dict.fromkeys(keys))
 
 
 def best_metric_name(metric: str) -> str:
@@ -162,5 +157,5 @@ def dashboard(study: str, space, rows: list[dict], runs: dict[str, tuple[str, st
     lines += ["", f"[All trials as a table]({links.runs_route(experiment_id, parent_run_id)})"
               + (f" · [compare the top {len(top)}]({links.compare_route(experiment_id, top)})" if len(top) > 1 else ""),
               "", "Artifacts: `leaderboard.csv`, `best_config.yaml` (`raysegtrain fit best_config.yaml`), "
-              "`optuna/` (interactive plots), `study/` (the space file), `base_config.yaml`."]
+              "`optuna/` (plots of the search), `study/` (the space file), `base_config.yaml`."]
     return "\n".join(lines)

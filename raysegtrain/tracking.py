@@ -226,15 +226,26 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i:i + 100])
 
 
-def log_metrics(c, run_id: str, metrics: dict[str, Any], step: int) -> None:
+def _metric_order(first: str | None):
+    """Quality first (FIRST, then val_*, train_*), then the rest, start-up/throughput last: MLflow's pages list a
+    run's metrics, and pick a compare page's default metric, in the order they were first logged."""
+    def rank(key: str) -> tuple[int, str]:
+        group = (0 if key == first else 1 if key.startswith("val_") else 2 if key.startswith("train_")
+                 else 4 if metric_name(key) != key else 3)
+        return group, key
+    return rank
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, Any], step: int, first: str | None = None) -> None:
     import math
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()
-             if k not in NON_METRIC_KEYS and isinstance(v, (int, float)) and math.isfinite(float(v))]
+    keys = sorted(metrics, key=_metric_order(first))
+    items = [Metric(metric_name(k), float(metrics[k]), now, step) for k in keys
+             if k not in NON_METRIC_KEYS and isinstance(metrics[k], (int, float)) and math.isfinite(float(metrics[k]))]
     for i in range(0, len(items), 500):
         c.log_batch(run_id, metrics=items[i:i + 500])
 

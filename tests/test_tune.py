@@ -47,6 +47,7 @@ def test_smoke_study_asha_mlflow_and_best_config(smoke_study):
     assert parent.data.params["study.num_samples"] == "6" and "space.optim/lr" in parent.data.params
     assert "model.arch" not in parent.data.params and "architecture" not in parent.data.tags
     assert parent.data.tags["objective"] == "val_iou (max)"
+    assert c.get_experiment(parent.info.experiment_id).name == "raysegtrain/smoke"  # a study's own experiment
     names = {a.path for a in c.list_artifacts(result.parent_run_id)}
     assert {"leaderboard.csv", "best_config.yaml", "base_config.yaml", "study", "optuna"} <= names
     assert {"optuna/optimization_history.png", "optuna/parallel_coordinate.png"} <= \
@@ -113,11 +114,13 @@ def test_ui_link_opens_the_study_in_a_real_mlflow_server(smoke_study, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "raysegtrain", "ui", "--port", str(port), "--tracking-uri",
-                             smoke_study.tracking_uri], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+                             smoke_study.tracking_uri], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
-        lines = [proc.stdout.readline() for _ in range(3)]
-        study_line = next(ln for ln in lines if ln.strip().startswith("study smoke: "))
-        link = study_line.split(": ", 1)[1].strip()
+        line = ""
+        while not line.strip().startswith("study smoke: ") and proc.poll() is None:  # after MLflow's own lines
+            line = proc.stdout.readline()
+        link = line.split(": ", 1)[1].strip()
         base = f"http://127.0.0.1:{port}"
         assert link.startswith(f"{base}/#/experiments/")
         # printed only once the server answers: one request, no waiting
@@ -129,7 +132,7 @@ def test_ui_link_opens_the_study_in_a_real_mlflow_server(smoke_study, tmp_path):
 
         # the UI build that this server ships reads both parameters (a canary for MLflow upgrades)
         index = urllib.request.urlopen(f"{base}/", timeout=10).read().decode()
-        main_js = next(p for p in index.split('"') if p.startswith("static/js/main.") and p.endswith(".js"))
+        main_js = next(p for p in index.split('"') if "static/js/main." in p and p.endswith(".js"))
         bundle = urllib.request.urlopen(f"{base}/{main_js}", timeout=30).read().decode()
         assert 'get("workflowType")' in bundle and "mlflow.sharedViewState." in bundle
 
@@ -150,7 +153,8 @@ def test_ui_link_opens_the_study_in_a_real_mlflow_server(smoke_study, tmp_path):
                                     "order_by": ["metrics.`best_val_iou` DESC"], "max_results": 100})["runs"]
         assert len(found) == len(smoke_study.leaderboard)
         first = found[0]["data"]
-        assert {t["key"]: t["value"] for t in first["tags"]}["raysegtrain.trial_id"] == smoke_study.best_trial
+        best = {m["key"]: m["value"] for m in first["metrics"]}["best_val_iou"]
+        assert best == pytest.approx(smoke_study.best_value)  # the winner, or a trial tied with it
         assert {"model.arch", "model.encoder", "optim.lr"} <= {p["key"] for p in first["params"]}
     finally:
         proc.terminate()
@@ -206,7 +210,7 @@ def test_interrupt_then_resume_completes_without_duplicates(tmp_path, ray_local)
         finished.set()
     assert first.interrupted and first.leaderboard == []
     c = tracking.client(f"sqlite:///{db}")
-    cut = c.search_runs([c.get_experiment_by_name("raysegtrain").experiment_id],
+    cut = c.search_runs([c.get_experiment_by_name("raysegtrain/smoke").experiment_id],
                         filter_string=f"tags.`{TRIAL_TAG}` != ''")
     assert cut and all(r.info.status in ("FINISHED", "KILLED") for r in cut)  # none left RUNNING
     assert all(r.data.tags["state"].startswith("stopped: interrupted at epoch ")
@@ -215,7 +219,7 @@ def test_interrupt_then_resume_completes_without_duplicates(tmp_path, ray_local)
     second = run_study(SMOKE, _settings(tmp_path), resume=True, live=False)
     assert not second.interrupted and len(second.leaderboard) == 6
     c = tracking.client(f"sqlite:///{db}")
-    exp = c.get_experiment_by_name("raysegtrain").experiment_id
+    exp = c.get_experiment_by_name("raysegtrain/smoke").experiment_id
     parents = c.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = 'smoke' and tags.`raysegtrain.kind` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
