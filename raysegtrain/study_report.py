@@ -117,13 +117,10 @@ def display_names(space: SearchSpace) -> dict[str, str]:
             f"{n.key} ({', '.join(f'{c.parent}={c.label}' for c in n.conditions)})" for n in nodes}
 
 
-def optuna_plots(rows: list[dict], space: SearchSpace, out: Path) -> list[Path]:
-    """Optimisation history, parameter importances and parallel coordinates, from a study rebuilt from the results,
-    with config-key names. Trials ASHA stopped are PRUNED there, as Optuna has them: their last value is not a
-    final one, so the plots of finished trials leave them out, and the intermediate-values plot draws every trial's
-    curve, the pruned ones ending early."""
-    import warnings
-
+def replayed_study(rows: list[dict], space: SearchSpace):
+    """An Optuna study of the results, with config-key names. Trials ASHA stopped are PRUNED there, as Optuna has
+    them: their last value is not a final one, so the plots of finished trials leave them out, and the
+    intermediate-values plot draws every trial's curve, the pruned ones ending early."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -141,13 +138,21 @@ def optuna_plots(rows: list[dict], space: SearchSpace, out: Path) -> list[Path]:
         replay.tell(trial, row[space.metric])
         done = replay.trials[-1]
         pruned = row["state"].startswith("stopped by ASHA")
-        curve = row.get("_curve") or {}
         study.add_trial(optuna.trial.create_trial(
             params={names.get(k, k): v for k, v in done.params.items()},
             distributions={names.get(k, k): d for k, d in done.distributions.items()},
             value=None if pruned else row[space.metric],
             state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
-            intermediate_values=curve))
+            intermediate_values=row.get("_curve") or {}))
+    return study
+
+
+def optuna_plots(rows: list[dict], space: SearchSpace, out: Path) -> list[Path]:
+    """Optimisation history, parameter importances, parallel coordinates and intermediate values (each trial's
+    objective per epoch) of `replayed_study`, as PNG files in OUT."""
+    import warnings
+
+    study = replayed_study(rows, space)
     made = []
     from optuna.visualization import matplotlib as vis
 

@@ -85,3 +85,33 @@ def test_start_up_and_throughput_metrics_go_under_system():
     assert tracking.metric_name("startup_setup_s") == "system/startup_setup_s"
     assert tracking.metric_name("images_per_s") == "system/images_per_s"
     assert tracking.metric_name("val_iou") == "val_iou" and tracking.metric_name("train_loss") == "train_loss"
+
+
+def test_optuna_plots_name_config_keys_and_mark_pruned_trials(tmp_path):
+    import optuna
+
+    from raysegtrain.study_report import optuna_plots, replayed_study
+
+    space = load_space(SMOKE, [])
+    sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    rows = []
+    for i in range(4):
+        trial = sampler.ask()
+        ray_config = dict(space.define_by_run(trial))
+        for name, value in trial.params.items():  # Ray nests the searcher's names on `/`
+            *parents, leaf = name.split("/")
+            node = ray_config
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        pruned = i % 2 == 0
+        rows.append({"trial_id": f"t{i}", "val_iou": 0.1 * (i + 1), "_config": ray_config,
+                     "state": "stopped by ASHA at epoch 1" if pruned else "completed",
+                     "_curve": {1: 0.05 * (i + 1)} if pruned else {1: 0.05 * (i + 1), 2: 0.1 * (i + 1)}})
+    study = replayed_study(rows, space)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE] * 2
+    names = set().union(*(t.params for t in study.trials))
+    assert {"optim.lr", "model.arch"} <= names and not any("/" in n for n in names)
+    made = {p.name for p in optuna_plots(rows, space, tmp_path)}
+    assert {"optimization_history.png", "intermediate_values.png"} <= made
