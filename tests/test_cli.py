@@ -77,7 +77,7 @@ def test_ui_serves_on_loopback_and_prints_the_runs_table_link(tmp_path):
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         line = ""
-        while "runs: " not in line and proc.poll() is None:  # MLflow's own server lines come first
+        while "/#/" not in line and proc.poll() is None:  # MLflow's own server lines come first
             line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}/#/experiments/{exp}/runs?workflowType=machine_learning" in line
         # the link comes once the server answers: one request, no waiting

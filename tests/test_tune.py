@@ -118,8 +118,12 @@ def test_ui_link_opens_the_study_in_a_real_mlflow_server(smoke_study, tmp_path):
                             text=True)
     try:
         line = ""
-        while not line.strip().startswith("study smoke: ") and proc.poll() is None:  # after MLflow's own lines
+        while "/#/" not in line and proc.poll() is None:  # MLflow's own lines come first, then `runs: LINK`
             line = proc.stdout.readline()
+        line = proc.stdout.readline()  # then `study NAME: LINK` (a server's access-log line may come between)
+        while "HTTP/1.1" in line:
+            line = proc.stdout.readline()
+        assert line.strip().startswith("study smoke: "), line
         link = line.split(": ", 1)[1].strip()
         base = f"http://127.0.0.1:{port}"
         assert link.startswith(f"{base}/#/experiments/")
