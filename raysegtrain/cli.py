@@ -71,8 +71,11 @@ def cmd_fit(args) -> int:
                       f"MLflow)")
     console.print(f"  best checkpoint: {result.best_checkpoint}")
     if result.mlflow_run_id:
+        from . import tracking
+
         console.print(f"  MLflow run: {result.mlflow_run_id} ({result.tracking_uri})")
-        console.print("  open the UI: raysegtrain ui   (then the runs table link it prints)")
+        console.print(f"  in the UI: {tracking.run_link(result.tracking_uri, result.mlflow_run_id)}"
+                      f"{ui_hint(result.tracking_uri)}", soft_wrap=True)
     return 0
 
 
@@ -152,9 +155,18 @@ def cmd_tune(args) -> int:
     else:
         console.print("  no test split: the validation figure above chose the config and is optimistic for it")
     console.print(f"  best config: {result.best_config_path}   (raysegtrain fit {result.best_config_path})")
-    if result.parent_run_id:
-        console.print(f"  MLflow study run: {result.parent_run_id} ({result.tracking_uri}); open: raysegtrain ui")
+    if result.parent_run_id and result.view_route:
+        from . import mlflow_links
+
+        console.print(f"  MLflow study run: {result.parent_run_id} ({result.tracking_uri})")
+        console.print(f"  the study in the UI: {mlflow_links.url(mlflow_links.ui_base(result.tracking_uri), result.view_route)}"
+                      f"{ui_hint(result.tracking_uri)}", soft_wrap=True)
     return 0
+
+
+def ui_hint(tracking_uri: str) -> str:
+    """How to serve the UI a printed link points at, unless the store is a tracking server (which serves it)."""
+    return "" if tracking_uri.startswith(("http://", "https://")) else "   (serve it with: raysegtrain ui)"
 
 
 def cmd_data_synth(args) -> int:
@@ -226,21 +238,20 @@ def ui_port(host: str, requested: int | None) -> int:
 
 
 def cmd_ui(args) -> int:
-    from . import tracking
+    from . import mlflow_links, tracking
 
     port = ui_port(args.host, args.port)
     if args.port is None and port != DEFAULT_UI_PORT:
         print(f"port {DEFAULT_UI_PORT} is in use: serving on {port}", file=sys.stderr)
     args.port = port
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    exp = tracking.experiment_id(uri, args.experiment)
-    link = tracking.runs_table_url(args.host, args.port, exp) if exp else f"http://{args.host}:{args.port}"
-    print(f"MLflow UI for {uri}\n  runs table: {link}\n  (Ctrl-C stops it)", flush=True)
-    cmd = tracking.ui_command(uri, args.host, args.port)
+    cmd = tracking.ui_command(uri, args.host, args.port, workers=args.workers)
     import signal
     import subprocess
+    import time
 
-    server = subprocess.Popen(cmd, start_new_session=True)  # its own process group: stopped as a whole below
+    # its own process group: stopped as a whole below
+    server = subprocess.Popen(cmd, start_new_session=True, env=tracking.ui_env())
 
     def stop(*_):
         try:
@@ -253,11 +264,35 @@ def cmd_ui(args) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
+    base = mlflow_links.ui_base(host=args.host, port=args.port)
     try:
+        links = ui_links(uri, args.experiment, base)  # read from the store while the server starts
+        # the links are printed once the server answers: a link that does not open yet is no use
+        while server.poll() is None and not tracking.ui_answers(base):
+            time.sleep(0.25)
+        if server.poll() is not None:
+            return server.returncode or 1
+        print(f"MLflow UI for {uri} (Ctrl-C stops it)", flush=True)
+        for line in links:
+            print(f"  {line}", flush=True)
         return server.wait()
     except KeyboardInterrupt:
         stop()
         return 0
+
+
+def ui_links(uri: str, experiment: str, base: str) -> list[str]:
+    """The links `ui` prints, all in MLflow's training view: EXPERIMENT's runs table (else the experiments list)
+    and, when the store holds studies, the newest study's view (its trials, best first, with their columns)."""
+    from . import mlflow_links, tracking
+
+    exp = tracking.experiment_id(uri, experiment)
+    lines = [f"runs: {mlflow_links.url(base, mlflow_links.runs_route(exp) if exp else mlflow_links.home_route())}"]
+    views = tracking.study_views(uri)
+    if views:
+        study, study_exp, key = views[0]
+        lines.append(f"study {study}: {mlflow_links.url(base, mlflow_links.runs_route(study_exp, key))}")
+    return lines
 
 
 def _reader_went_away() -> int:
@@ -334,7 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"port to serve on (default {DEFAULT_UI_PORT}, or a free one if that is taken)")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--tracking-uri", default=None)
-    u.add_argument("--experiment", default="raysegtrain")
+    u.add_argument("--experiment", default="raysegtrain",
+                   help="the experiment whose runs table (and newest study) the printed links open")
+    u.add_argument("--workers", type=int, default=1,
+                   help="server processes (default 1: one local user; MLflow's own default, 4, is for shared servers)")
     u.set_defaults(func=cmd_ui)
     from .cli_infer import add_commands; add_commands(sub)
     return p

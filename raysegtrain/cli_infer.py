@@ -116,7 +116,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     console.print(f"wrote {', '.join(str(p) for p in files.values())}")
     if args.log_mlflow:
         log_report(report, files, loaded.run_id, loaded.tracking_uri)
-        console.print(f"logged eval_{report.split}_* metrics and files to MLflow run {loaded.run_id}")
+        from . import tracking
+
+        console.print(f"logged eval_{report.split}_* metrics and files to MLflow run {loaded.run_id}: "
+                      f"{tracking.run_link(loaded.tracking_uri, loaded.run_id)}", soft_wrap=True)
     return 0
 
 

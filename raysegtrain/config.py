@@ -86,7 +86,8 @@ class DataConfig(Section):
     val_split: str = Field("val", description="name of the validation split")
     test_split: str = Field("test", description="name of the test split")
     num_classes: int = Field(2, ge=2, description="classes including background; 2 = binary segmentation")
-    class_names: Optional[list[str]] = Field(None, description="one name per class; default class_0, class_1, ...")
+    class_names: Optional[list[str]] = Field(None, description="one name per class (metrics, plots, MLflow); default "
+                                                                "class_0, class_1, ... (the synthetic set: its own)")
     mask_format: Literal["auto", "binary", "index", "palette"] = Field(
         "auto", description="binary: 0/1 or 0/255; index: pixel = class id; palette: P-mode PNG indices, or RGB "
                             "masks mapped through `palette`; auto: decided per file")
@@ -175,7 +176,17 @@ class DataConfig(Section):
         return data
 
     def names(self) -> list[str]:
-        return list(self.class_names) if self.class_names else [f"class_{i}" for i in range(self.num_classes)]
+        """class_names; for the embedded synthetic set its own (background, defect / scratch, crack, spot); else
+        class_0, class_1, ..."""
+        if self.class_names:
+            return list(self.class_names)
+        if not self.root:
+            from .data.synthetic import class_names
+
+            names = class_names(self.synthetic.variant)
+            if len(names) == self.num_classes:
+                return list(names)
+        return [f"class_{i}" for i in range(self.num_classes)]
 
 
 # -------------------------------------------------------------------------------------------------------- model
@@ -410,6 +421,9 @@ class TrackingConfig(Section):
     tracking_uri: Optional[str] = Field(
         None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     experiment: str = Field("raysegtrain", description="MLflow experiment name")
+    study_experiment: Optional[str] = Field(
+        None, description="MLflow experiment of a study's runs (tune); default <experiment>/<study name>: each study "
+                          "in its own experiment, apart from fits (set it to the experiment's name to share one)")
     log_checkpoint: bool = Field(True, description="log the best checkpoint as an artifact")
     num_overlays: int = Field(4, ge=0, le=64, description="validation images drawn with predictions")
 

@@ -13,12 +13,14 @@ from .search_space import SearchSpace
 from .study_trials import trial_overrides, trial_state
 
 LEADERBOARD_CSV = "leaderboard.csv"
+FG_IOU = "val_fg_iou"
 BEST_CONFIG = "best_config.yaml"
 
 
 @dataclass
 class StudyReport:
-    rows: list[dict[str, Any]]  # best first; `param.<key>` columns, and the trial's Ray config under `_config`
+    rows: list[dict[str, Any]]  # best first; `param.<key>` columns; the trial's Ray config under `_config`, its
+    #                             objective per epoch under `_curve`
     best: dict[str, Any] | None  # the best row with a value
     folder: Path  # where the files below are
     leaderboard_csv: Path
@@ -45,16 +47,21 @@ def leaderboard(results, space: SearchSpace, states: dict[str, str] | None = Non
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         df = r.metrics_dataframe
         values = df[space.metric].dropna() if df is not None and space.metric in df else None
-        best, note = None, None
+        best, note, fg_iou = None, None, None
         if values is not None and len(values):
             at = values.idxmax() if space.mode == "max" else values.idxmin()
             best, note = float(values[at]), degenerate_note(df.loc[at].to_dict())
+            if FG_IOU in df and df.loc[at, FG_IOU] == df.loc[at, FG_IOU]:  # binary tasks report it; nan otherwise
+                fg_iou = float(df.loc[at, FG_IOU])  # the foreground IoU at the epoch of the best value
         epoch = int((r.metrics or {}).get("epoch", 0) or 0)
         state = trial_state(r.metrics or {}, r.error, space.max_epochs)
         if r.error is None and (states or {}).get(trial_id, "").startswith("stopped:"):
             state = states[trial_id]
-        rows.append({"trial_id": trial_id, space.metric: best, "epochs": epoch, "state": state, "note": note or "",
-                     **{f"param.{k}": v for k, v in trial_overrides(r.config).items()}, "_config": r.config})
+        curve = ({int(e): float(v) for e, v in zip(df["epoch"], df[space.metric]) if v == v}
+                 if df is not None and space.metric in df and "epoch" in df else {})
+        rows.append({"trial_id": trial_id, space.metric: best, "fg_iou": fg_iou, "epochs": epoch, "state": state,
+                     "note": note or "", **{f"param.{k}": v for k, v in trial_overrides(r.config).items()},
+                     "_config": r.config, "_curve": curve})
     rows.sort(key=lambda row: (row[space.metric] is None,
                                -(row[space.metric] or 0) if space.mode == "max" else (row[space.metric] or 0)))
     return rows
@@ -89,7 +96,7 @@ def state_counts(rows: list[dict]) -> dict[str, int]:
 
 
 def write_leaderboard_csv(rows: list[dict], path: Path) -> None:
-    keys = list(dict.fromkeys(k for row in rows for k in row if k != "_config"))
+    keys = list(dict.fromkeys(k for row in rows for k in row if not k.startswith("_")))
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -120,35 +127,71 @@ def optuna_params(ray_config: dict) -> dict[str, Any]:
     return out
 
 
-def optuna_plots(rows: list[dict], space: SearchSpace, out: Path) -> list[Path]:
-    """Optimisation history, parameter importances and parallel coordinates, from a study rebuilt from the results."""
-    import warnings
+def display_names(space: SearchSpace) -> dict[str, str]:
+    """{Optuna name: the name a plot shows}: the config key (`model.encoder`), with the enclosing options where the
+    same key is searched under several (`model.encoder (model.arch=unet)`)."""
+    from .search_space.nodes import Constant, iter_nodes
 
+    nodes = [n for n in iter_nodes(space.nodes) if not isinstance(n, Constant)]
+    count: dict[str, int] = {}
+    for n in nodes:
+        count[n.key] = count.get(n.key, 0) + 1
+    return {n.name: n.key if count[n.key] == 1 else
+            f"{n.key} ({', '.join(f'{c.parent}={c.label}' for c in n.conditions)})" for n in nodes}
+
+
+def replayed_study(rows: list[dict], space: SearchSpace):
+    """An Optuna study of the results, with config-key names. Trials ASHA stopped are PRUNED there, as Optuna has
+    them: their last value is not a final one, so the plots of finished trials leave them out, and the
+    intermediate-values plot draws every trial's curve, the pruned ones ending early."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(direction="maximize" if space.mode == "max" else "minimize")
+    direction = "maximize" if space.mode == "max" else "minimize"
+    replay = optuna.create_study(direction=direction)
+    study = optuna.create_study(direction=direction)
+    names = display_names(space)
     for row in sorted(rows, key=lambda r: r["trial_id"]):
         if row[space.metric] is None:
             continue
         # replay the trial through the space itself: Optuna records each parameter with its distribution
-        study.enqueue_trial(optuna_params(row["_config"]))
-        trial = study.ask()
+        replay.enqueue_trial(optuna_params(row["_config"]))
+        trial = replay.ask()
         space.define_by_run(trial)
-        study.tell(trial, row[space.metric])
+        replay.tell(trial, row[space.metric])
+        done = replay.trials[-1]
+        pruned = row["state"].startswith("stopped by ASHA")
+        study.add_trial(optuna.trial.create_trial(
+            params={names.get(k, k): v for k, v in done.params.items()},
+            distributions={names.get(k, k): d for k, d in done.distributions.items()},
+            value=None if pruned else row[space.metric],
+            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
+            intermediate_values=row.get("_curve") or {}))
+    return study
+
+
+def optuna_plots(rows: list[dict], space: SearchSpace, out: Path) -> list[Path]:
+    """Optimisation history, parameter importances, parallel coordinates and intermediate values (each trial's
+    objective per epoch) of `replayed_study`, as PNG files in OUT."""
+    import warnings
+
+    study = replayed_study(rows, space)
     made = []
     from optuna.visualization import matplotlib as vis
 
     for name, fn in (("optimization_history", vis.plot_optimization_history),
                      ("param_importances", vis.plot_param_importances),
-                     ("parallel_coordinate", vis.plot_parallel_coordinate)):
+                     ("parallel_coordinate", vis.plot_parallel_coordinate),
+                     ("intermediate_values", vis.plot_intermediate_values)):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ax = fn(study)
             fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+            if name == "parallel_coordinate":
+                fig.set_size_inches(max(8, 1.6 * len(study.best_trial.params)), 5)
             path = out / f"{name}.png"
-            fig.savefig(path, dpi=90, bbox_inches="tight")
+            fig.savefig(path, dpi=100, bbox_inches="tight")
             import matplotlib.pyplot as plt
 
             plt.close(fig)

@@ -9,10 +9,10 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import tracking
+from . import mlflow_links, study_view, tracking
 from .config import flatten
 from .search_space import SearchSpace
 from .study_final import FINAL_TEST_FILE
@@ -22,32 +22,62 @@ from .study_trials import TrialProgress, TrialProgressCallback, trial_number
 TRIAL_TAG = "raysegtrain.trial_id"
 STUDY_TAG = "raysegtrain.study"
 RUNTIME_TAG = "raysegtrain.trial_runtime"
+KIND_TAG = "raysegtrain.kind"
+CURVE_KEYS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice")
+BASE_CONFIG = "base_config.yaml"
+# run_tags that describe one model; a study's run describes a search over them
+_MODEL_TAGS = ("architecture", "encoder", "num_workers")
 
 
 @dataclass(frozen=True)
 class StudyRun:
     uri: str
     run_id: str
+    experiment_id: str
+    experiment: str  # its name: the trials' runs go there too
+
+    def view_route(self) -> str:
+        """The runs table showing this study's trials, best first, with their columns (the saved view)."""
+        return mlflow_links.runs_route(self.experiment_id, self.run_id)
 
 
 # ----------------------------------------------------------------------------------------------- the study's run
 def open_study_run(space: SearchSpace, space_path: str | Path, name: str, resume: bool) -> StudyRun | None:
     """The study's parent run (None when the base config turns tracking off): on --resume the one of that name,
-    reopened; else a new one with the study's settings as params and its space file as an artifact."""
+    reopened; else a new one that carries the study's own params and tags (settings, objective, budget, the space's
+    distributions; not the base config's, which is an artifact), and the saved runs-table view of its trials."""
     base = space.base_config
     if not base.tracking.enabled:
         return None
     uri = tracking.resolve_tracking_uri(base.tracking.tracking_uri)
-    parent = tracking.find_run(uri, base.tracking.experiment, name) if resume else None
+    experiment = study_experiment(base, name)
+    parent = tracking.find_run(uri, experiment, name) if resume else None
+    c = tracking.client(uri)
     if parent is None:
-        parent = tracking.start_run(base, name, uri=uri, tags={STUDY_TAG: name, "raysegtrain.kind": "study"})
-        c = tracking.client(uri)
+        tags = {k: v for k, v in tracking.run_tags(base).items() if k not in _MODEL_TAGS}
+        tags.update({STUDY_TAG: name, KIND_TAG: "study", "objective": f"{space.metric} ({space.mode})"})
+        parent = tracking.create_run(uri, experiment, name, tags)
         settings = {k: v for k, v in space.to_dict()["resolved"].items() if k != "parameters"}
-        tracking.log_params(c, parent, flatten(settings, "study."))
+        tracking.log_params(c, parent, {**flatten(settings, "study."),
+                                        **{f"space.{k}": v for k, v in space.parameters.items()}})
         tracking.log_artifact(c, parent, Path(space_path).resolve(), "study")
+        with tempfile.TemporaryDirectory() as d:
+            base.to_yaml(Path(d) / BASE_CONFIG)
+            tracking.log_artifact(c, parent, Path(d) / BASE_CONFIG)
+        tracking.set_description(c, parent, f"Study `{name}` running: objective {space.metric} ({space.mode}); "
+                                            f"its trials are the nested runs below. This text becomes the study's "
+                                            f"leaderboard when it ends.")
     else:
-        tracking.mark_running(tracking.client(uri), parent)
-    return StudyRun(uri, parent)
+        tracking.mark_running(c, parent)
+    run = StudyRun(uri, parent, tracking.experiment_of(c, parent), experiment)
+    tracking.set_experiment_tag(c, run.experiment_id, mlflow_links.shared_view_tag(parent),
+                                study_view.view_state_json(space, parent))
+    return run
+
+
+def study_experiment(base, study: str) -> str:
+    """The experiment of study STUDY's runs: `tracking.study_experiment`, else its own, `<experiment>/<study>`."""
+    return base.tracking.study_experiment or f"{base.tracking.experiment}/{study}"
 
 
 def close_interrupted_study(run: StudyRun, trial_runs: MLflowTrialLogger) -> None:
@@ -63,10 +93,14 @@ def kept_trials(report: StudyReport, space: SearchSpace) -> list[str]:
 
 
 def log_kept_checkpoints(report: StudyReport, space: SearchSpace, trial_runs: MLflowTrialLogger) -> None:
-    """Top/best policies: the kept trials' best checkpoints go to their runs once the ranking is known."""
+    """Top/best policies: the kept trials' best checkpoints go to their runs once the ranking is known; the top
+    `checkpoints.top` trials get their pictures (curves, confusion matrix, overlays), to compare side by side."""
     if space.settings.checkpoints.mlflow in ("top", "best"):
         for trial_id in kept_trials(report, space):
             trial_runs.log_best_checkpoint(trial_id)
+    ranked = [row["trial_id"] for row in report.rows if row[space.metric] is not None]
+    for trial_id in ranked[:space.settings.checkpoints.top]:
+        trial_runs.log_plots(trial_id)
 
 
 def prune_checkpoints(folder: Path | None, keep: set[str]) -> int:
@@ -84,9 +118,10 @@ def prune_checkpoints(folder: Path | None, keep: set[str]) -> int:
     return removed
 
 
-def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace) -> None:
-    """Leaderboard, best config and Optuna plots as artifacts, trial counts and the best value as metrics, the best
-    trial's run tagged; then the run ends FINISHED."""
+def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace, trial_runs: "MLflowTrialLogger") -> None:
+    """Leaderboard, best config and Optuna plots as artifacts; trial counts and the best value as metrics; each
+    ranked trial's run tagged with its rank; the winner named on the study's run (its run name and id); the study's
+    description the markdown dashboard; then the run ends FINISHED."""
     c = tracking.client(run.uri)
     tracking.log_artifact(c, run.run_id, report.leaderboard_csv)
     if report.best_config_path:
@@ -95,13 +130,21 @@ def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace) -> 
         for p in optuna_plots(report.rows, space, Path(d)):
             tracking.log_artifact(c, run.run_id, p, "optuna")
     metrics = {f"trials_{k.replace(' ', '_')}": v for k, v in state_counts(report.rows).items()}
+    runs = trial_runs.run_names()
+    rank = 0
+    for row in report.rows:
+        if row[space.metric] is not None and row["trial_id"] in runs:
+            rank += 1
+            tracking.set_tag(c, runs[row["trial_id"]][0], "study_rank", str(rank))
+    tags = {}
     best = report.best
     if best is not None:
-        metrics[f"best_{space.metric}"] = best[space.metric]
-        child = tracking.find_child_run(c, run.run_id, TRIAL_TAG, best["trial_id"])
-        if child:
-            tracking.set_tag(c, child, "best_trial", "true")
-    tags = {"best_trial": best["trial_id"]} if best else {}
+        metrics[study_view.best_metric_name(space.metric)] = best[space.metric]
+        tags["best_trial_id"] = best["trial_id"]
+        if best["trial_id"] in runs:
+            tags["best_trial"], tags["best_trial_run_id"] = runs[best["trial_id"]][1], runs[best["trial_id"]][0]
+        tags["winner"] = " ".join(f"{k[6:]}={study_view.short_number(v)}" for k, v in best.items()
+                                  if k.startswith("param.") and v is not None)
     if report.repeat:  # repeat-best: the table and its plot; the best mean chose best_config.yaml
         from .study_repeat import REPEAT_CSV, REPEAT_PLOT
 
@@ -119,15 +162,24 @@ def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace) -> 
         tracking.log_artifact(c, run.run_id, report.folder / FINAL_TEST_FILE)
         tags["final_test"] = final.note
     tracking.log_metrics(c, run.run_id, metrics, step=0)
+    tracking.set_description(c, run.run_id, study_view.dashboard(run_name(c, run.run_id), space, report.rows, runs,
+                                                                 run.experiment_id, run.run_id))
     tracking.end_run(run.uri, run.run_id, "FINISHED", tags)
+
+
+def run_name(c, run_id: str) -> str:
+    return c.get_run(run_id).info.run_name
 
 
 # ----------------------------------------------------------------------------------------------- the trials' runs
 @dataclass
 class TrialRun(TrialProgress):
     run_id: str | None = None
+    name: str | None = None
     started: float = 0.0
     startup_s: float | None = None
+    fg_iou_at_best: float | None = None  # the foreground IoU of the epoch with the best objective
+    history: list = field(default_factory=list)  # per epoch: the figures the curves plot
 
 
 class MLflowTrialLogger(TrialProgressCallback):
@@ -141,6 +193,7 @@ class MLflowTrialLogger(TrialProgressCallback):
         super().__init__(space, study)
         self.uri = study_run.uri if study_run else None
         self.parent_run_id = study_run.run_id if study_run else None
+        self.experiment = study_run.experiment if study_run else None
         self._client = None
 
     def __getstate__(self):  # Tune pickles its callbacks with the experiment state; a client does not pickle
@@ -166,14 +219,18 @@ class MLflowTrialLogger(TrialProgressCallback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         st = self.progress(trial)
+        super().on_trial_result(iteration, trials, trial, result, **info)
+        if st.best_epoch == st.epoch and isinstance(result.get(study_view.FG_IOU), (int, float)):
+            st.fg_iou_at_best = float(result[study_view.FG_IOU])
+        st.history.append({k: v for k, v in result.items()
+                           if k in CURVE_KEYS + (self.space.metric,) and isinstance(v, (int, float))})
+        if self.client and st.run_id:
+            tracking.log_metrics(self.client, st.run_id, result, step=st.epoch, first=self.space.metric)
         if st.startup_s is None and st.started and result.get("first_batch_time"):
             # from the trial's start (its actor up, or reused) to its first training batch in hand
             st.startup_s = float(result["first_batch_time"]) - st.started
             if self.client and st.run_id:
                 tracking.log_metrics(self.client, st.run_id, {"trial_startup_s": st.startup_s}, step=0)
-        super().on_trial_result(iteration, trials, trial, result, **info)
-        if self.client and st.run_id:
-            tracking.log_metrics(self.client, st.run_id, result, step=st.epoch)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         super().on_trial_complete(iteration, trials, trial, **info)
@@ -198,6 +255,19 @@ class MLflowTrialLogger(TrialProgressCallback):
         tracking.set_tag(self.client, st.run_id, "best_checkpoint", "logged")
         return True
 
+    def log_plots(self, trial_id: str) -> None:
+        """Curves, confusion matrix and overlays of the trial's best checkpoint into its run, as a fit has them."""
+        st = self.trials.get(trial_id)
+        if not (self.client and st and st.run_id):
+            return
+        cfg = self.space.trial_config(st.params)
+        cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_checkpoint": False})})
+        tracking.log_final_artifacts(self.uri, st.run_id, cfg, st.history, self.best_checkpoint(trial_id))
+
+    def run_names(self) -> dict[str, tuple[str, str]]:
+        """{trial id: (run id, run name)} of the trials with a run."""
+        return {trial_id: (st.run_id, st.name or trial_id) for trial_id, st in self.trials.items() if st.run_id}
+
     def _trial_id(self, st: TrialRun) -> str:
         return next(trial_id for trial_id, other in self.trials.items() if other is st)
 
@@ -214,24 +284,31 @@ class MLflowTrialLogger(TrialProgressCallback):
 
     def _open_child(self, trial, st: TrialRun) -> str:
         cfg = self.space.trial_config(trial.config)
-        run_id = tracking.start_run(cfg, child_run_name(trial, cfg), uri=self.uri,
-                                    parent_run_id=self.parent_run_id,
-                                    tags={TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study,
-                                          RUNTIME_TAG: self.space.runtime})
-        tracking.log_params(self.client, run_id, {f"sampled.{k}": v for k, v in st.params.items()})
-        return run_id
+        drawn = {k: st.params[k] for k in study_view.sampled_keys(self.space) if k in st.params}
+        st.name = study_view.trial_run_name(trial_number(trial), study_view.number_width(self.space.num_samples),
+                                            cfg.model.arch, cfg.model.encoder, drawn)
+        # the sampled values are the trial config's own params (logged once); `sampled` names which they are
+        return tracking.start_run(cfg, st.name, uri=self.uri, parent_run_id=self.parent_run_id,
+                                  experiment=self.experiment,
+                                  tags={TRIAL_TAG: trial.trial_id, STUDY_TAG: self.study, KIND_TAG: "trial",
+                                        RUNTIME_TAG: self.space.runtime, "outcome": "running",
+                                        "sampled": ", ".join(st.params)})
 
     def _close_child(self, st: TrialRun, status: str) -> None:
         if not (self.client and st.run_id):
             return
         if self.space.settings.checkpoints.mlflow == "all" and status != "FAILED":
             self.log_best_checkpoint(self._trial_id(st))
-        tags = {"state": st.state}
+        outcome = study_view.outcome(st.state)
+        metric = self.space.metric
+        # what the trial reached (a run's latest value is its last epoch's, not its best), and a 0/1 marker of
+        # the trials ASHA pruned, to sort and filter on
+        final = {"pruned": float(outcome == "pruned")}
         if st.best is not None:
-            tags[f"best_{self.space.metric}"] = f"{st.best:.6g}"
-        tracking.end_run(self.uri, st.run_id, status, tags)
-
-
-def child_run_name(trial, cfg) -> str:
-    """What a trial is, for the MLflow runs table: `0007 deeplabv3plus/resnet18`."""
-    return f"{trial_number(trial):04d} {cfg.model.arch}/{cfg.model.encoder}"
+            final[study_view.best_metric_name(metric)] = st.best
+        if st.fg_iou_at_best is not None and metric != study_view.FG_IOU:
+            final[study_view.best_metric_name(study_view.FG_IOU)] = st.fg_iou_at_best
+        tracking.log_metrics(self.client, st.run_id, final, step=st.epoch)
+        tracking.set_description(self.client, st.run_id, study_view.trial_description(
+            st.state, metric, st.best, st.best_epoch, st.epoch, st.fg_iou_at_best))
+        tracking.end_run(self.uri, st.run_id, status, {"state": st.state, "outcome": outcome})

@@ -28,6 +28,17 @@ DEFAULT_DB = "mlflow.db"
 NON_METRIC_KEYS = {"is_best", "checkpoint_score", "early_stopped", "done", "training_iteration", "time_this_iter_s",
                    "time_total_s", "timestamp", "pid", "worker_pid", "first_batch_time",
                    "time_since_restore", "iterations_since_restore"}
+# Start-up and throughput figures: logged under `system/`, where MLflow's run page keeps them in its "System
+# metrics" tab and every metric list shows them after the model's quality metrics (train_*, val_*)
+SYSTEM_METRICS = {"epoch_time_s", "epoch_wall_s", "images_per_s", "data_wait_share", "peak_gpu_gib", "first_step_s",
+                  "trial_startup_s"}
+SYSTEM_PREFIX = "system/"
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description in the UI (markdown)
+
+
+def metric_name(key: str) -> str:
+    """The name KEY is logged under in MLflow: start-up and throughput figures under `system/`."""
+    return SYSTEM_PREFIX + key if key in SYSTEM_METRICS or key.startswith("startup_") else key
 
 
 # ---------------------------------------------------------------------------------------- the store, experiments
@@ -217,21 +228,45 @@ def log_params(c, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i:i + 100])
 
 
-def log_metrics(c, run_id: str, metrics: dict[str, Any], step: int) -> None:
+def _metric_order(first: str | None):
+    """Quality first (FIRST, then val_*, train_*), then the rest, start-up/throughput last: MLflow's pages list a
+    run's metrics, and pick a compare page's default metric, in the order they were first logged."""
+    def rank(key: str) -> tuple[int, str]:
+        group = (0 if key == first else 1 if key.startswith("val_") else 2 if key.startswith("train_")
+                 else 4 if metric_name(key) != key else 3)
+        return group, key
+    return rank
+
+
+def log_metrics(c, run_id: str, metrics: dict[str, Any], step: int, first: str | None = None) -> None:
     import math
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if k not in NON_METRIC_KEYS and isinstance(v, (int, float)) and math.isfinite(float(v))]
+    keys = sorted(metrics, key=_metric_order(first))
+    items = [Metric(metric_name(k), float(metrics[k]), now, step) for k in keys
+             if k not in NON_METRIC_KEYS and isinstance(metrics[k], (int, float)) and math.isfinite(float(metrics[k]))]
     for i in range(0, len(items), 500):
         c.log_batch(run_id, metrics=items[i:i + 500])
 
 
 def set_tag(c, run_id: str, key: str, value: str) -> None:
     c.set_tag(run_id, key, value)
+
+
+def set_description(c, run_id: str, markdown: str) -> None:
+    """The run's description: the text MLflow's run page shows (markdown) and its runs table's Description column."""
+    c.set_tag(run_id, DESCRIPTION_TAG, markdown)
+
+
+def set_experiment_tag(c, experiment_id: str, key: str, value: str) -> None:
+    c.set_experiment_tag(experiment_id, key, value)
+
+
+def experiment_of(c, run_id: str) -> str:
+    return c.get_run(run_id).info.experiment_id
 
 
 def log_artifact(c, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
@@ -377,10 +412,52 @@ def register_model(uri: str, run_id: str, model, fmt: str, name: str, metadata: 
 
 
 # ----------------------------------------------------------------------------------------------------- the UI
-def ui_command(uri: str, host: str, port: int) -> list[str]:
-    """The command that serves MLflow's UI for the store at URI on HOST:PORT, with this interpreter."""
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+def ui_command(uri: str, host: str, port: int, workers: int = 1) -> list[str]:
+    """The command that serves MLflow's UI for the store at URI on HOST:PORT with WORKERS server processes (MLflow's
+    default, 4, is for a shared server; one local user needs one), with this interpreter."""
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+            "--workers", str(workers)]
 
 
-def runs_table_url(host: str, port: int, experiment_id: str) -> str:
-    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs"
+def ui_env() -> dict[str, str]:
+    """The UI server's environment: without MLflow's job runner (its GenAI jobs: a consumer process per core), which
+    a training runs UI does not use, unless the user asked for it."""
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+                                                                               "false")}
+
+
+def ui_answers(base: str, timeout_s: float = 2.0) -> bool:
+    """Whether the UI server at BASE answers (its /health endpoint)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(base.rstrip("/") + "/health", timeout=timeout_s).close()
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def run_link(uri: str, run_id: str) -> str:
+    """The UI's page of run RUN_ID (training view), at the UI that serves the store at URI (mlflow_links.ui_base)."""
+    from . import mlflow_links
+
+    route = mlflow_links.run_route(experiment_of(client(uri), run_id), run_id)
+    return mlflow_links.url(mlflow_links.ui_base(uri), route)
+
+
+def study_views(uri: str) -> list[tuple[str, str, str]]:
+    """(study name, experiment id, share key) of the saved study views in the store, newest study first: the
+    studies `tune` recorded (runs tagged `raysegtrain.kind=study`) whose experiment holds their view."""
+    from .mlflow_links import shared_view_tag
+
+    c = client(uri)
+    experiments = {e.experiment_id: e for e in c.search_experiments()}
+    if not experiments:
+        return []
+    runs = c.search_runs(list(experiments), filter_string="tags.`raysegtrain.kind` = 'study'",
+                         order_by=["attributes.start_time DESC"], max_results=20)
+    return [(r.info.run_name, r.info.experiment_id, r.info.run_id) for r in runs
+            if shared_view_tag(r.info.run_id) in experiments[r.info.experiment_id].tags]

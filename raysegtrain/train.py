@@ -192,7 +192,7 @@ def train(cfg: Config, name: str, run: TrackedRun, scaling: RayScalingConfig, t0
     from .progress import ProgressDisplay
 
     display = ProgressDisplay(cfg, mode=progress, console=console)
-    callbacks = [MLflowEpochLogger(run.uri, run.run_id)] if run.run_id else []
+    callbacks = [MLflowEpochLogger(run.uri, run.run_id, cfg.train.monitor)] if run.run_id else []
     trainer = build_trainer(cfg, name, callbacks, progress=display.queue, hooks=hooks, datasets=datasets, t0=t0,
                             scaling=scaling, driver_stages=stages)
     stop = abort_on_signal(trainer)
@@ -246,14 +246,16 @@ def best_epoch_metrics(history: list[dict]) -> dict:
 class MLflowEpochLogger(UserCallback):
     """Runs in Ray Train's controller, which Ray pins to the driver's node: each epoch's metrics into one MLflow run."""
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, monitor: str | None = None):
         self.uri = uri
         self.run_id = run_id
+        self.monitor = monitor  # logged first: the metric the UI lists and compares first
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         if metrics:
             m = metrics[0]
-            tracking.log_metrics(tracking.client(self.uri), self.run_id, m, step=int(m.get("epoch", 0)))
+            tracking.log_metrics(tracking.client(self.uri), self.run_id, m, step=int(m.get("epoch", 0)),
+                                 first=self.monitor)
 
 
 def with_absolute_paths(cfg: Config) -> Config:

@@ -116,6 +116,7 @@ class StudyResult:
     interrupted: bool = False
     final_test: dict[str, Any] | None = None  # study_final.FinalTest.to_dict(): the test split, once, after selection
     repeat: list[dict[str, Any]] | None = None  # repeat-best rows (study_repeat.RepeatSummary.row), best mean first
+    view_route: str | None = None  # the MLflow UI's route to the study's trials (mlflow_links)
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
     report.final_test = run_final_test(report, space, trial_runs)
     if study_run:
         log_kept_checkpoints(report, space, trial_runs)
-        finish_study_run(study_run, report, space)
+        finish_study_run(study_run, report, space, trial_runs)
     if space.settings.checkpoints.prune:
         keep = {trial_runs.best_checkpoint(trial_id) for trial_id in kept_trials(report, space)}
         prune_checkpoints(place.folder, {p for p in keep if p})
@@ -312,7 +313,7 @@ def fit_until_stopped(make: Callable[[], tune.Tuner]):
 
 def interrupted_result(place: StudyPlace, study_run: StudyRun | None) -> StudyResult:
     return StudyResult(place.name, str(place.folder or place.storage), None, None, None, [], *_run_ids(study_run),
-                       interrupted=True)
+                       interrupted=True, view_route=study_run.view_route() if study_run else None)
 
 
 def finished_result(place: StudyPlace, report: StudyReport, study_run: StudyRun | None, metric: str) -> StudyResult:
@@ -322,7 +323,8 @@ def finished_result(place: StudyPlace, report: StudyReport, study_run: StudyRun 
                        str(report.best_config_path) if report.best_config_path else None, report.rows,
                        *_run_ids(study_run),
                        final_test=report.final_test.to_dict() if report.final_test is not None else None,
-                       repeat=[s.row(metric) for s in report.repeat] if report.repeat else None)
+                       repeat=[s.row(metric) for s in report.repeat] if report.repeat else None,
+                       view_route=study_run.view_route() if study_run else None)
 
 
 def _run_ids(study_run: StudyRun | None) -> tuple[str | None, str | None]:

@@ -49,9 +49,11 @@ def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tin
     assert run.data.tags["architecture"] == "unet" and "torch_version" in run.data.tags
     iou = c.get_metric_history(result.mlflow_run_id, "val_iou")
     assert sorted(m.step for m in iou) == [1, 2]
-    for key in ("train_loss", "val_loss", "val_dice", "val_precision", "val_recall", "lr", "images_per_s",
-                "epoch_time_s", "val_iou_class_1", "data_wait_share", "first_step_s", "startup_workers_s"):
+    for key in ("train_loss", "val_loss", "val_dice", "val_precision", "val_recall", "lr", "system/images_per_s",
+                "system/epoch_time_s", "val_iou_defect", "system/data_wait_share", "system/first_step_s",
+                "system/startup_workers_s"):
         assert c.get_metric_history(result.mlflow_run_id, key), key
+    assert not any(k.startswith(("startup_", "epoch_time")) for k in run.data.metrics)  # only under system/
     artifacts = {a.path for a in c.list_artifacts(result.mlflow_run_id)}
     artifacts |= {a.path for a in c.list_artifacts(result.mlflow_run_id, "plots")}
     artifacts |= {a.path for a in c.list_artifacts(result.mlflow_run_id, "best_checkpoint")}

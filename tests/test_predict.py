@@ -95,7 +95,7 @@ def test_predict_reproduces_evaluate_iou_and_evaluate_writes_its_report(checkpoi
     report = tmp_path / "report"
     assert main(["evaluate", str(checkpoint), "--out", str(report)]) == 0
     printed = capsys.readouterr()
-    assert "class_1" in printed.out and "mean" in printed.out  # the per-class table
+    assert loaded.cfg.data.names()[1] in printed.out and "mean" in printed.out  # the per-class table
     document = json.loads((report / "metrics.json").read_text())
     assert document["metrics"]["iou"] == pytest.approx(reference["val_iou"], abs=1e-9)
     assert document["images"] == len(val_pairs) and len(document["confusion_matrix"]) == 2

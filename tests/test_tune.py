@@ -23,8 +23,15 @@ def _settings(tmp_path):
     return [f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
 
 
-def test_smoke_study_asha_mlflow_and_best_config(tmp_path, ray_local):
-    result = run_study(SMOKE, _settings(tmp_path), live=False)
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory, ray_local):
+    """The shipped smoke study, run once for the tests of this module that read what it recorded."""
+    tmp_path = tmp_path_factory.mktemp("smoke")
+    return run_study(SMOKE, _settings(tmp_path), live=False)
+
+
+def test_smoke_study_asha_mlflow_and_best_config(smoke_study):
+    result = smoke_study
     rows = result.leaderboard
     assert len(rows) >= 6 and not result.interrupted
     states = [r["state"] for r in rows]
@@ -38,20 +45,41 @@ def test_smoke_study_asha_mlflow_and_best_config(tmp_path, ray_local):
 
     c = tracking.client(result.tracking_uri)
     parent = c.get_run(result.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == result.best_trial
-    assert parent.data.params["study.num_samples"] == "6"
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial_id"] == result.best_trial
+    # the study run's params and tags are the study's, not its base config's
+    assert parent.data.params["study.num_samples"] == "6" and "space.optim/lr" in parent.data.params
+    assert "model.arch" not in parent.data.params and "architecture" not in parent.data.tags
+    assert parent.data.tags["objective"] == "val_fg_iou (max)"
+    assert c.get_experiment(parent.info.experiment_id).name == "raysegtrain/smoke"  # a study's own experiment
     names = {a.path for a in c.list_artifacts(result.parent_run_id)}
-    assert {"leaderboard.csv", "best_config.yaml", "config.yaml", "study", "optuna"} <= names
+    assert {"leaderboard.csv", "best_config.yaml", "base_config.yaml", "study", "optuna"} <= names
     assert {"optuna/optimization_history.png", "optuna/parallel_coordinate.png"} <= \
         {a.path for a in c.list_artifacts(result.parent_run_id, "optuna")}
     children = c.search_runs([parent.info.experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     assert len(children) == len(rows)
     assert len({ch.data.tags[TRIAL_TAG] for ch in children}) == len(rows)
-    for ch in children:
+    by_trial = {ch.data.tags[TRIAL_TAG]: ch for ch in children}
+    winner_run = by_trial[result.best_trial]
+    assert parent.data.tags["best_trial"] == winner_run.info.run_name
+    assert parent.data.tags["best_trial_run_id"] == winner_run.info.run_id
+    assert winner_run.data.tags["study_rank"] == "1"
+    assert winner_run.data.metrics["best_val_fg_iou"] == pytest.approx(result.best_value)
+    dashboard = parent.data.tags["mlflow.note.content"]
+    assert f"[{winner_run.info.run_name}](#/experiments/{parent.info.experiment_id}/runs/{winner_run.info.run_id}" \
+           f"?workflowType=machine_learning)" in dashboard
+    assert sum(ln.startswith("| ") for ln in dashboard.splitlines()) == len(rows) + 1
+    for i, ch in enumerate(sorted(children, key=lambda ch: ch.info.start_time), 1):
         assert ch.info.status == "FINISHED"
         assert c.get_metric_history(ch.info.run_id, "val_fg_iou"), ch.data.tags[TRIAL_TAG]
-        assert any(k.startswith("sampled.") for k in ch.data.params)
+        # `01 unet/resnet18 lr=1e-3 ...`: what the trial is; each sampled value logged once, as the config's param
+        number, model = ch.info.run_name.split(" ")[:2]
+        assert model == f"{ch.data.params['model.arch']}/{ch.data.params['model.encoder']}" and len(number) == 2
+        assert not any(k.startswith("sampled.") for k in ch.data.params)
+        assert ch.data.tags["outcome"] in ("completed", "pruned")
+        assert ch.data.metrics["pruned"] == float(ch.data.tags["outcome"] == "pruned")
+        assert ch.data.tags["mlflow.note.content"].startswith(ch.data.tags["outcome"])
+        assert "system/trial_startup_s" in ch.data.metrics and "trial_startup_s" not in ch.data.metrics
     # checkpoints.mlflow: top (3): the three best trials' best weights, weights only, in their runs; on disk only
     # those three checkpoints are left once the study has finished
     from raysegtrain.checkpoint import load_checkpoint
@@ -68,12 +96,78 @@ def test_smoke_study_asha_mlflow_and_best_config(tmp_path, ray_local):
     assert stopped and all(len(c.get_metric_history(ch.info.run_id, "val_fg_iou")) < 3 for ch in stopped)
     # the smoke set has a test split: the chosen trial was evaluated on it once, after the study
     assert result.final_test["trial_id"] == result.best_trial and "test_fg_iou" in parent.data.metrics
-    assert [ch.data.tags.get("best_trial") for ch in children].count("true") == 1
+    assert [ch.data.tags.get("study_rank") for ch in children].count("1") == 1
 
     # the best config is a fit config as it stands, and reruns to the same number (CPU, same seed)
     best_cfg = config.load(result.best_config_path, ["run.name=rerun"])
     rerun = fit(best_cfg)
     assert rerun.best_value == pytest.approx(result.best_value, abs=1e-4)
+
+
+def test_ui_link_opens_the_study_in_a_real_mlflow_server(smoke_study, tmp_path):
+    """`raysegtrain ui` against the smoke study's store: the study link it prints opens MLflow's training view on a
+    saved view that the real server holds (the study's trials, best first, with their columns), checked over HTTP
+    the way the UI's page reads it."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+    from urllib.parse import parse_qs, urlsplit
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "raysegtrain", "ui", "--port", str(port), "--tracking-uri",
+                             smoke_study.tracking_uri], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        line = ""
+        while "/#/" not in line and proc.poll() is None:  # MLflow's own lines come first, then `runs: LINK`
+            line = proc.stdout.readline()
+        line = proc.stdout.readline()  # then `study NAME: LINK` (a server's access-log line may come between)
+        while "HTTP/1.1" in line:
+            line = proc.stdout.readline()
+        assert line.strip().startswith("study smoke: "), line
+        link = line.split(": ", 1)[1].strip()
+        base = f"http://127.0.0.1:{port}"
+        assert link.startswith(f"{base}/#/experiments/")
+        # printed only once the server answers: one request, no waiting
+        assert urllib.request.urlopen(f"{base}/health", timeout=10).status == 200
+        route = urlsplit(urlsplit(link).fragment)
+        query = parse_qs(route.query)
+        assert query["workflowType"] == ["machine_learning"]
+        experiment_id, key = route.path.split("/")[2], query["viewStateShareKey"][0]
+
+        # the UI build that this server ships reads both parameters (a canary for MLflow upgrades)
+        index = urllib.request.urlopen(f"{base}/", timeout=10).read().decode()
+        main_js = next(p for p in index.split('"') if "static/js/main." in p and p.endswith(".js"))
+        bundle = urllib.request.urlopen(f"{base}/{main_js}", timeout=30).read().decode()
+        assert 'get("workflowType")' in bundle and "mlflow.sharedViewState." in bundle
+
+        def api(path, body=None):
+            data = json.dumps(body).encode() if body is not None else None
+            req = urllib.request.Request(f"{base}/ajax-api/2.0/mlflow/{path}", data=data,
+                                         headers={"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req, timeout=30).read())
+
+        tags = {t["key"]: t["value"] for t in
+                api(f"experiments/get?experiment_id={experiment_id}")["experiment"].get("tags", [])}
+        view = json.loads(tags[f"mlflow.sharedViewState.{key}"])
+        for column in ("metrics.`best_val_iou`", "metrics.`best_val_fg_iou`", "tags.`outcome`",
+                       "params.`model.arch`", "params.`model.encoder`", "params.`optim.lr`"):
+            assert column in view["selectedColumns"], column
+        # the view's search, as the runs table sends it: the study's trials only, best first
+        found = api("runs/search", {"experiment_ids": [experiment_id], "filter": view["searchFilter"],
+                                    "order_by": ["metrics.`best_val_iou` DESC"], "max_results": 100})["runs"]
+        assert len(found) == len(smoke_study.leaderboard)
+        first = found[0]["data"]
+        best = {m["key"]: m["value"] for m in first["metrics"]}["best_val_iou"]
+        assert best == pytest.approx(smoke_study.best_value)  # the winner, or a trial tied with it
+        assert {"model.arch", "model.encoder", "optim.lr"} <= {p["key"] for p in first["params"]}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_bad_space_fails_before_ray(tmp_path):
@@ -125,7 +219,7 @@ def test_interrupt_then_resume_completes_without_duplicates(tmp_path, ray_local)
         finished.set()
     assert first.interrupted and first.leaderboard == []
     c = tracking.client(f"sqlite:///{db}")
-    cut = c.search_runs([c.get_experiment_by_name("raysegtrain").experiment_id],
+    cut = c.search_runs([c.get_experiment_by_name("raysegtrain/smoke").experiment_id],
                         filter_string=f"tags.`{TRIAL_TAG}` != ''")
     assert cut and all(r.info.status in ("FINISHED", "KILLED") for r in cut)  # none left RUNNING
     assert all(r.data.tags["state"].startswith("stopped: interrupted at epoch ")
@@ -134,7 +228,7 @@ def test_interrupt_then_resume_completes_without_duplicates(tmp_path, ray_local)
     second = run_study(SMOKE, _settings(tmp_path), resume=True, live=False)
     assert not second.interrupted and len(second.leaderboard) == 6
     c = tracking.client(f"sqlite:///{db}")
-    exp = c.get_experiment_by_name("raysegtrain").experiment_id
+    exp = c.get_experiment_by_name("raysegtrain/smoke").experiment_id
     parents = c.search_runs([exp], filter_string=f"tags.`{STUDY_TAG}` = 'smoke' and tags.`raysegtrain.kind` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")

@@ -147,7 +147,8 @@ def test_a_trials_best_checkpoint_is_the_best_one_left_and_never_lost_silently(t
     space = load_space(write_space(tmp_path, [GOOD_A]))
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     parent = tracking.start_run(space.base_config, "study", uri=uri)
-    logger = MLflowTrialLogger(space, "study", StudyRun(uri, parent))
+    exp = tracking.experiment_of(tracking.client(uri), parent)
+    logger = MLflowTrialLogger(space, "study", StudyRun(uri, parent, exp, space.base_config.tracking.experiment))
     trial = SimpleNamespace(trial_id="t1", config={"overrides": {"optim.lr": GOOD_A}}, experiment_tag="1_lr=0.001")
     logger.on_trial_start(0, [trial], trial)
     folders = {}
