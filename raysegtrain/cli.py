@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import ReportedError, TrainingError, UserError
+from .redaction import redact_text, redact_uri, redacted_console
 
 
 CONFIG_ARGS_HELP = ("optional YAML config, or a dataset folder (same as data.root=FOLDER), then dotted overrides "
@@ -62,13 +63,13 @@ def cmd_fit(args) -> int:
         # --resume reads its config from the command line, as a new run does: the hint repeats it
         again = ["raysegtrain", "fit", *args.config, *(["--address", args.address] if args.address else []),
                  "--resume", e.run_name]
-        print(f"interrupted: continue with {shlex.join(again)}", file=sys.stderr, flush=True)
+        print(f"interrupted: continue with {redact_text(shlex.join(again))}", file=sys.stderr, flush=True)
         return e.exit_code
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
     console.print(f"[bold green]done[/] run {result.run_name}: best {result.monitor} {best}")
     console.print(f"  best checkpoint: {result.best_checkpoint}")
     if result.mlflow_run_id:
-        console.print(f"  MLflow run: {result.mlflow_run_id} ({result.tracking_uri})")
+        console.print(f"  MLflow run: {result.mlflow_run_id} ({redact_uri(result.tracking_uri)})")
         console.print("  open the UI: raysegtrain ui   (then the runs table link it prints)")
     return 0
 
@@ -103,7 +104,8 @@ def cmd_tune(args) -> int:
     console.print(f"best trial {result.best_trial}: {metric} {result.best_value}")
     console.print(f"  best config: {result.best_config_path}   (raysegtrain fit {result.best_config_path})")
     if result.parent_run_id:
-        console.print(f"  MLflow study run: {result.parent_run_id} ({result.tracking_uri}); open: raysegtrain ui")
+        console.print(f"  MLflow study run: {result.parent_run_id} ({redact_uri(result.tracking_uri)}); open: "
+                      f"raysegtrain ui")
     return 0
 
 
@@ -185,7 +187,7 @@ def cmd_ui(args) -> int:
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     exp = tracking.experiment_id(uri, args.experiment)
     link = tracking.runs_table_url(args.host, args.port, exp) if exp else f"http://{args.host}:{args.port}"
-    print(f"MLflow UI for {uri}\n  runs table: {link}\n  (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI for {redact_uri(uri)}\n  runs table: {link}\n  (Ctrl-C stops it)", flush=True)
     cmd = tracking.ui_command(uri, args.host, args.port)
     import signal
     import subprocess
@@ -291,7 +293,11 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    with redacted_console():  # no line this command prints shows a credential (redaction.py)
+        return _run(build_parser().parse_args(argv))
+
+
+def _run(args) -> int:
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe can still be handled, not in the interpreter's exit
