@@ -163,7 +163,14 @@ class RedactingStream(io.TextIOBase):
         self._stream.flush()
 
     def isatty(self) -> bool:
-        return self._stream.isatty()
+        try:
+            return self._stream.isatty()
+        except ValueError:  # closed under us (a library that kept this stream past the command)
+            return False
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
 
     def fileno(self) -> int:
         return self._stream.fileno()

@@ -57,7 +57,7 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
     fix = "start it, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or run with tracking.enabled=false"
     if uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+            urllib.request.urlopen(_without_userinfo(uri).rstrip("/") + "/health", timeout=timeout_s).close()
         except urllib.error.HTTPError:
             return
         except (urllib.error.URLError, OSError, ValueError) as e:
@@ -71,6 +71,15 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
             raise UserError(f"MLflow store {uri}: cannot create {folder} ({e.strerror}): {fix}") from None
         if not os.access(folder, os.W_OK):
             raise UserError(f"MLflow store {uri}: {folder} is not writable: {fix}")
+
+
+def _without_userinfo(uri: str) -> str:
+    """URI without `user:password@` (urllib takes it for part of the host name; the health probe needs no login,
+    and any answer, a 401 too, says the server is there)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 def import_in_background() -> threading.Thread:
