@@ -344,3 +344,35 @@ def _some_images(tmp_path: Path) -> Path:
     assert main(["data", "synth", str(out), "--size", "64", "--num-train", "2", "--num-val", "1",
                  "--num-test", "1"]) == 0
     return next(p for p in out.rglob("images") if p.is_dir())
+
+
+# --------------------------------------------------------------------------------------- a study's saved state
+def test_a_study_saves_no_credential_in_its_state_and_files(tmp_path):
+    """Tune pickles the study's callbacks into the study folder; the leaderboard and best config are written there
+    too. None holds the tracking URI's password; a logger Tune restores takes it from this driver again."""
+    import cloudpickle
+
+    from raysegtrain.search_space import load_space
+    from raysegtrain.study_report import write_best_config, write_leaderboard_csv
+    from raysegtrain.study_status import StudyStatusTable
+    from raysegtrain.study_tracking import MLflowTrialLogger, StudyRun
+
+    uri = f"http://alice:{PASSWORD}@127.0.0.1:5091"
+    space = load_space(ROOT / "search_spaces" / "smoke.yaml", [f"tracking.tracking_uri={uri}"])
+    assert space.base_config.tracking.tracking_uri == uri
+    logger = MLflowTrialLogger(space, "s", StudyRun(uri, "run-1"))
+    for callback in (logger, StudyStatusTable(space, "s")):
+        saved = cloudpickle.dumps(callback)
+        assert PASSWORD.encode() not in saved
+    MLflowTrialLogger.driver_uris.clear()
+    assert cloudpickle.loads(cloudpickle.dumps(logger)).uri == "http://alice:***@127.0.0.1:5091"
+    MLflowTrialLogger(space, "s", StudyRun(uri, "run-1"))  # the resumed driver, given the URI again
+    restored = cloudpickle.loads(cloudpickle.dumps(logger))
+    assert restored.uri == uri and restored.space.base_config.tracking.tracking_uri.endswith(":***@127.0.0.1:5091")
+    assert PASSWORD not in repr(space.to_dict())
+
+    config_of_a_trial = {"overrides": {"model.arch": "unet"}}
+    write_best_config({"_config": config_of_a_trial}, space, tmp_path / "best_config.yaml")
+    write_leaderboard_csv([{"trial_id": "t1", "param.note": f"http://u:{PASSWORD}@h"}], tmp_path / "leaderboard.csv")
+    for f in ("best_config.yaml", "leaderboard.csv"):
+        assert PASSWORD not in (tmp_path / f).read_text()
