@@ -294,7 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
     with redacted_console():  # no line this command prints shows a credential (redaction.py)
-        return _run(build_parser().parse_args(argv))
+        args = build_parser().parse_args(argv)
+        try:
+            return _run(args)
+        except Exception:  # a bug: its traceback, printed here so that it goes through the redacting console
+            import traceback
+
+            traceback.print_exc()
+            return 1
 
 
 def _run(args) -> int:

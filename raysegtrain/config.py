@@ -332,7 +332,8 @@ class RunSettings(Section):
                             "of those keys (the CPUs aside) nor data.root is set, else full. fit records what it "
                             "chose (cpu or full) in the config it trains, logs and checkpoints")
     name: Optional[str] = Field(None, description="run name; default fit-<date>-<time>; reused only with --resume")
-    storage_path: str = Field("runs", description="checkpoints and Ray results: local folder, NFS path, s3:// or gs://")
+    storage_path: str = Field("runs", description="checkpoints and Ray results: local folder, NFS path, s3:// or gs://; "
+                                                  "keys in the URL are used, and written nowhere (shown as ***)")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure (-1 = unlimited)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept by Ray (best by monitor and the latest)")
     checkpoint_every: int = Field(
@@ -351,7 +352,8 @@ class RunSettings(Section):
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="log runs to MLflow")
     tracking_uri: Optional[str] = Field(
-        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db. A password in it "
+                          "(http://user:password@host) is used, and written nowhere (shown as ***)")
     experiment: str = Field("raysegtrain", description="MLflow experiment name")
     log_checkpoint: bool = Field(True, description="log the best checkpoint as an artifact")
     num_overlays: int = Field(4, ge=0, le=64, description="validation images drawn with predictions")

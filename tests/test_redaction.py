@@ -175,6 +175,18 @@ def test_the_interrupt_hint_shows_no_address_token(monkeypatch, capsys):
     assert PASSWORD not in err and "--address ray://ray:***@10.0.0.1:10001" in err and "--resume fit-x" in err
 
 
+def test_a_bug_keeps_its_traceback_without_the_credential(monkeypatch, capsys):
+    import raysegtrain.train as train
+
+    def bug(*a, **kw):
+        raise RuntimeError(f"unexpected answer from http://alice:{PASSWORD}@h:1/api")
+
+    monkeypatch.setattr(train, "fit", bug)
+    assert main(["fit", "train.epochs=1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "http://alice:***@h:1/api" in err and PASSWORD not in err
+
+
 # ------------------------------------------------------------------------- one real fit, with real credentials
 class BasicAuthProxy:
     """A local HTTP proxy that lets through only requests with `Authorization: Basic alice:PASSWORD` to a plain
