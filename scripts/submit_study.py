@@ -34,11 +34,9 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from raysegtrain.redaction import environment_names, redact_text, redact_value
-except ImportError:  # run from a checkout that is not installed
+if (Path(__file__).resolve().parents[1] / "raysegtrain").is_dir():  # the checkout's own package, installed or not
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from raysegtrain.redaction import environment_names, redact_text, redact_value
+from raysegtrain.redaction import environment_names, redact_text, redact_value  # noqa: E402
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
