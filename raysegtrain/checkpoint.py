@@ -13,13 +13,17 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .redaction import redact_config_dict
 
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAINING_ONLY_KEYS = ("optimizer", "schedule", "scaler")
 
 
 def save_checkpoint(state: dict[str, Any], directory: str | Path) -> Path:
-    """Write `state` to DIRECTORY/checkpoint.pt atomically (tmp file, then rename)."""
+    """Write `state` to DIRECTORY/checkpoint.pt atomically (tmp file, then rename); its config with credentials
+    redacted (a checkpoint is shared and logged as an artifact)."""
+    if isinstance(state.get("config"), dict):
+        state = {**state, "config": redact_config_dict(state["config"])}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CHECKPOINT_FILE

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import ReportedError, TrainingError, UserError
+from .redaction import redact_text, redact_uri, redacted_console
 
 
 CONFIG_ARGS_HELP = ("optional YAML config, or a dataset folder (same as data.root=FOLDER), then dotted overrides "
@@ -62,7 +63,7 @@ def cmd_fit(args) -> int:
         # --resume reads its config from the command line, as a new run does: the hint repeats it
         again = ["raysegtrain", "fit", *args.config, *(["--address", args.address] if args.address else []),
                  "--resume", e.run_name]
-        print(f"interrupted: continue with {shlex.join(again)}", file=sys.stderr, flush=True)
+        print(f"interrupted: continue with {redact_text(shlex.join(again))}", file=sys.stderr, flush=True)
         return e.exit_code
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
     console.print(f"[bold green]done[/] run {result.run_name}: best {result.monitor} {best}")
@@ -73,8 +74,8 @@ def cmd_fit(args) -> int:
     if result.mlflow_run_id:
         from . import tracking
 
-        console.print(f"  MLflow run: {result.mlflow_run_id} ({result.tracking_uri})")
-        console.print(f"  in the UI: {tracking.run_link(result.tracking_uri, result.mlflow_run_id)}"
+        console.print(f"  MLflow run: {result.mlflow_run_id} ({redact_uri(result.tracking_uri)})")
+        console.print(f"  in the UI: {redact_text(tracking.run_link(result.tracking_uri, result.mlflow_run_id))}"
                       f"{ui_hint(result.tracking_uri)}", soft_wrap=True)
     return 0
 
@@ -158,9 +159,9 @@ def cmd_tune(args) -> int:
     if result.parent_run_id and result.view_route:
         from . import mlflow_links
 
-        console.print(f"  MLflow study run: {result.parent_run_id} ({result.tracking_uri})")
-        console.print(f"  the study in the UI: {mlflow_links.url(mlflow_links.ui_base(result.tracking_uri), result.view_route)}"
-                      f"{ui_hint(result.tracking_uri)}", soft_wrap=True)
+        link = mlflow_links.url(mlflow_links.ui_base(result.tracking_uri), result.view_route)
+        console.print(f"  MLflow study run: {result.parent_run_id} ({redact_uri(result.tracking_uri)})")
+        console.print(f"  the study in the UI: {redact_text(link)}{ui_hint(result.tracking_uri)}", soft_wrap=True)
     return 0
 
 
@@ -272,7 +273,7 @@ def cmd_ui(args) -> int:
             time.sleep(0.25)
         if server.poll() is not None:
             return server.returncode or 1
-        print(f"MLflow UI for {uri} (Ctrl-C stops it)", flush=True)
+        print(f"MLflow UI for {redact_uri(uri)} (Ctrl-C stops it)", flush=True)
         for line in links:
             print(f"  {line}", flush=True)
         return server.wait()
@@ -388,7 +389,18 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
+    with redacted_console():  # no line this command prints shows a credential (redaction.py)
+        args = build_parser().parse_args(argv)
+        try:
+            return _run(args)
+        except Exception:  # a bug: its traceback, printed here so that it goes through the redacting console
+            import traceback
+
+            traceback.print_exc()
+            return 1
+
+
+def _run(args) -> int:
     try:
         code = args.func(args)
         sys.stdout.flush()  # here, where a closed pipe can still be handled, not in the interpreter's exit

@@ -2,8 +2,8 @@
 
 A config is YAML (or a dict) validated into `Config`. Dotted `key=value` overrides apply to the raw mapping before
 validation, so the override and the file are checked by the same rules. Unknown keys are rejected with their full
-dotted path and the closest valid name. `Config.to_yaml()` writes the resolved config; loading it gives back an equal
-object. Every default lives here, with its meaning in the field's description (`raysegtrain config --defaults`
+dotted path and the closest valid name. `Config.to_yaml()` writes the resolved config (credentials
+redacted: redaction.py); loading it gives back an equal object, once the credentials are given again. Every default lives here, with its meaning in the field's description (`raysegtrain config --defaults`
 prints them all).
 """
 
@@ -400,7 +400,8 @@ class RunSettings(Section):
                             "of those keys (the CPUs aside) nor data.root is set, else full. fit records what it "
                             "chose (cpu or full) in the config it trains, logs and checkpoints")
     name: Optional[str] = Field(None, description="run name; default fit-<date>-<time>; reused only with --resume")
-    storage_path: str = Field("runs", description="checkpoints and Ray results: local folder, NFS path, s3:// or gs://")
+    storage_path: str = Field("runs", description="checkpoints and Ray results: local folder, NFS path, s3:// or gs://; "
+                                                  "keys in the URL are used, and written nowhere (shown as ***)")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure (-1 = unlimited)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept by Ray (best by monitor and the latest)")
     checkpoint_every: int = Field(
@@ -419,7 +420,8 @@ class RunSettings(Section):
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="log runs to MLflow")
     tracking_uri: Optional[str] = Field(
-        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db. A password in it "
+                          "(http://user:password@host) is used, and written nowhere (shown as ***)")
     experiment: str = Field("raysegtrain", description="MLflow experiment name")
     study_experiment: Optional[str] = Field(
         None, description="MLflow experiment of a study's runs (tune); default <experiment>/<study name>: each study "
@@ -459,15 +461,23 @@ class Config(Section):
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
 
+    def redacted_dict(self) -> dict:
+        """`to_dict` with every credential replaced by the placeholder (redaction.py): what is written anywhere."""
+        from .redaction import redact_config_dict
+
+        return redact_config_dict(self.to_dict())
+
     def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The config as YAML, credentials redacted (a config that is written is read by others); loading it asks
+        for them again (`redaction.supply_redacted`)."""
+        text = yaml.safe_dump(self.redacted_dict(), sort_keys=False)
         if path is not None:
             Path(path).write_text(text)
         return text
 
     def flat(self) -> dict[str, Any]:
-        """Dotted-key view, e.g. {'model.arch': 'unet', ...} (MLflow params)."""
-        return flatten(self.to_dict())
+        """Dotted-key view, e.g. {'model.arch': 'unet', ...} (MLflow params), credentials redacted."""
+        return flatten(self.redacted_dict())
 
 
 # ------------------------------------------------------------------------------------------------------ loading
@@ -536,8 +546,16 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def build(raw: dict | None = None, overrides: list[str] | dict | None = None, source: str = "config") -> Config:
+def build(raw: dict | None = None, overrides: list[str] | dict | None = None, source: str = "config",
+          supply_redacted: bool = True) -> Config:
+    """The config of RAW plus OVERRIDES. A value saved with its credential redacted must be given again (on the
+    command line or in the environment: `redaction.supply_redacted`) unless SUPPLY_REDACTED is false, for a
+    caller that uses none of the keys that carry credentials (evaluate)."""
     raw = apply_overrides(raw or {}, overrides or [])
+    if supply_redacted:
+        from .redaction import supply_redacted as supply
+
+        raw = supply(raw, source)
     try:
         return Config.model_validate(raw)
     except ValidationError as e:

@@ -42,8 +42,11 @@ class TrainingError(ReportedError):
 def one_line(err: BaseException, *, with_type: bool = True) -> str:
     """ERR on one line, for a user: the first line of its message. Our own errors are worded for the user already;
     anything else gets its class name in front (`ValueError: ...`), unless WITH_TYPE is false, for a caller that puts
-    the message inside its own sentence. Another's error without a message is its class name."""
-    text = str(err).strip().splitlines()
+    the message inside its own sentence. Another's error without a message is its class name. Credentials in it
+    (a URI's password, a token from the environment) are redacted."""
+    from .redaction import redact_text
+
+    text = redact_text(str(err).strip()).splitlines()
     msg = text[0] if text else ""
     if not with_type:
         return msg or type(err).__name__

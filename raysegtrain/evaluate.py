@@ -94,7 +94,7 @@ def evaluation_config(base: Config, config_file: str | None = None, overrides: l
     raw = base.to_dict()
     if config_file:
         raw = apply_overrides(raw, flatten(load_yaml(config_file)))
-    return build(raw, list(overrides), source="evaluate config")
+    return build(raw, list(overrides), source="evaluate config", supply_redacted=False)  # uses no credential
 
 
 def evaluate_model(loaded, cfg: Config | None = None, split: str = "val", device: str | None = None

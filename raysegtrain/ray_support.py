@@ -110,7 +110,9 @@ def build_trainer(cfg: Config, name: str, callbacks: list, progress=None, hooks=
     t_submit = driver_stages("trainer") if driver_stages is not None else time.time()
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "progress": progress, "hooks": list(hooks), "datasets": datasets,
+        # the workers need no credential (they never talk to the tracking store; Ray Train writes the checkpoints
+        # through the storage_path below), and Ray keeps the loop config in its run metadata: redacted
+        train_loop_config={"config": cfg.redacted_dict(), "progress": progress, "hooks": list(hooks), "datasets": datasets,
                            "t0": t0 if t0 is not None else t_submit, "t_submit": t_submit,
                            "driver_stages": dict(driver_stages.laps) if driver_stages is not None else {}},
         scaling_config=scaling or ray_scaling(cfg),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import degenerate_note
+from .redaction import redact_value
 from .search_space import SearchSpace
 from .study_trials import trial_overrides, trial_state
 
@@ -101,7 +102,7 @@ def write_leaderboard_csv(rows: list[dict], path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         for row in rows:
-            w.writerow({k: row.get(k) for k in keys})
+            w.writerow({k: redact_value(k, row.get(k)) for k in keys})
 
 
 def write_best_config(best: dict, space: SearchSpace, path: Path) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import mlflow_links, study_view, tracking
 from .config import flatten
+from .redaction import redact_uri
 from .search_space import SearchSpace
 from .study_final import FINAL_TEST_FILE
 from .study_report import StudyReport, optuna_plots, state_counts
@@ -188,6 +189,9 @@ class MLflowTrialLogger(TrialProgressCallback):
     start to first report), closed with its final state when it ends. Does nothing without a study run."""
 
     progress_type = TrialRun
+    # the tracking URIs this driver was given, by their redacted form: a logger that Tune restores on --resume was
+    # saved with its URI redacted and takes the credential from here, i.e. from this command's config/environment
+    driver_uris: dict[str, str] = {}
 
     def __init__(self, space: SearchSpace, study: str, study_run: StudyRun | None):
         super().__init__(space, study)
@@ -195,11 +199,18 @@ class MLflowTrialLogger(TrialProgressCallback):
         self.parent_run_id = study_run.run_id if study_run else None
         self.experiment = study_run.experiment if study_run else None
         self._client = None
+        if self.uri:
+            MLflowTrialLogger.driver_uris[redact_uri(self.uri)] = self.uri
 
-    def __getstate__(self):  # Tune pickles its callbacks with the experiment state; a client does not pickle
-        state = self.__dict__.copy()
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment state: no client, no credential
+        state = super().__getstate__()
         state["_client"] = None
+        state["uri"] = redact_uri(self.uri) if self.uri else None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.uri = MLflowTrialLogger.driver_uris.get(self.uri, self.uri) if self.uri else None
 
     @property
     def client(self):

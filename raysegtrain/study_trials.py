@@ -85,6 +85,11 @@ class TrialProgressCallback(tune.Callback):
         self.space, self.study = space, study
         self.trials: dict[str, TrialProgress] = {}
 
+    def __getstate__(self):  # Tune saves its callbacks in the study folder: no credential of the base goes there
+        state = self.__dict__.copy()
+        state["space"] = self.space.redacted()
+        return state
+
     @classmethod
     def running_instance(cls, fallback: "TrialProgressCallback") -> "TrialProgressCallback":
         """The instance of this class that the last experiment ran with (FALLBACK when none ran)."""

@@ -6,6 +6,9 @@ Ray Train starts; `MLflowEpochLogger` (train.py) runs in Ray Train's controller 
 node) and logs each epoch's metrics; the driver closes the run with the best checkpoint, plots and final status. For
 a study, `MLflowTrialLogger` (study_tracking.py), a Tune callback in the driver, writes one child run per trial.
 Workers never talk to the tracking store.
+
+Every param, tag and text artifact goes out with credentials redacted (redaction.py): the tracking URI's own
+password, a storage URL's keys, a token in the environment never reach the store, which others read.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .redaction import redact_text, redact_uri, redact_value
 
 DEFAULT_DB = "mlflow.db"
 NON_METRIC_KEYS = {"is_best", "checkpoint_score", "early_stopped", "done", "training_iteration", "time_this_iter_s",
@@ -65,12 +70,12 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
     fix = "start it, fix tracking.tracking_uri / MLFLOW_TRACKING_URI, or run with tracking.enabled=false"
     if uri.startswith(("http://", "https://")):
         try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+            urllib.request.urlopen(_without_userinfo(uri).rstrip("/") + "/health", timeout=timeout_s).close()
         except urllib.error.HTTPError:
             return
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
-            raise UserError(f"MLflow tracking server {uri} is not reachable ({reason}): {fix}") from None
+            raise UserError(f"MLflow tracking server {redact_uri(uri)} is not reachable ({reason}): {fix}") from None
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         try:
@@ -79,6 +84,15 @@ def check_store(uri: str, timeout_s: float = 5.0) -> None:
             raise UserError(f"MLflow store {uri}: cannot create {folder} ({e.strerror}): {fix}") from None
         if not os.access(folder, os.W_OK):
             raise UserError(f"MLflow store {uri}: {folder} is not writable: {fix}")
+
+
+def _without_userinfo(uri: str) -> str:
+    """URI without `user:password@` (urllib takes it for part of the host name; the health probe needs no login,
+    and any answer, a 401 too, says the server is there)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 def import_in_background() -> threading.Thread:
@@ -173,7 +187,7 @@ def start_run(cfg: Config, run_name: str, *, uri: str, tags: dict[str, str] | No
     all_tags = run_tags(cfg, tags)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    run = c.create_run(exp_id, run_name=run_name, tags=all_tags)
+    run = c.create_run(exp_id, run_name=run_name, tags=redacted_tags(all_tags))
     run_id = run.info.run_id
     log_params(c, run_id, cfg.flat())
     with tempfile.TemporaryDirectory() as d:
@@ -185,7 +199,8 @@ def start_run(cfg: Config, run_name: str, *, uri: str, tags: dict[str, str] | No
 def create_run(uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None) -> str:
     """Open a bare run (these tags only: no config, unlike `start_run`) in EXPERIMENT; returns its id."""
     c = client(uri)
-    return c.create_run(ensure_experiment(c, experiment), run_name=run_name, tags=tags or {}).info.run_id
+    return c.create_run(ensure_experiment(c, experiment), run_name=run_name,
+                        tags=redacted_tags(tags or {})).info.run_id
 
 
 def find_run(uri: str, experiment: str, run_name: str) -> str | None:
@@ -214,7 +229,7 @@ def mark_running(c, run_id: str) -> None:
 
 def end_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
     c = client(uri)
-    for k, v in (tags or {}).items():
+    for k, v in redacted_tags(tags or {}).items():
         c.set_tag(run_id, k, v)
     c.set_terminated(run_id, status=status)
 
@@ -223,7 +238,7 @@ def end_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = No
 def log_params(c, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    items = [Param(k, redact_value(k, str(v))[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):
         c.log_batch(run_id, params=items[i:i + 100])
 
@@ -253,7 +268,27 @@ def log_metrics(c, run_id: str, metrics: dict[str, Any], step: int, first: str |
 
 
 def set_tag(c, run_id: str, key: str, value: str) -> None:
-    c.set_tag(run_id, key, value)
+    c.set_tag(run_id, key, redact_value(key, str(value)))
+
+
+def redacted_tags(tags: dict[str, Any]) -> dict[str, str]:
+    return {k: redact_value(k, str(v)) for k, v in tags.items()}
+
+
+TEXT_ARTIFACTS = (".yaml", ".yml", ".csv", ".json", ".txt", ".md")
+_YAML_ENTRY = re.compile(r"^(\s*-?\s*([\w.\-]+)\s*:\s*)(\S.*?)(\s+#.*)?$")
+
+
+def redact_file_text(text: str) -> str:
+    """A text file's contents with credentials redacted: URIs and environment secrets anywhere, and the value of a
+    `name: value` line whose name is credential-like (a YAML key), comments and layout kept."""
+    lines = []
+    for line in redact_text(text).splitlines(keepends=True):
+        m = _YAML_ENTRY.match(line.rstrip("\n"))
+        if m and redact_value(m.group(2), m.group(3)) != m.group(3):
+            line = f"{m.group(1)}{redact_value(m.group(2), m.group(3))}{m.group(4) or ''}" + line[len(line.rstrip("\n")):]
+        lines.append(line)
+    return "".join(lines)
 
 
 def set_description(c, run_id: str, markdown: str) -> None:
@@ -270,7 +305,18 @@ def experiment_of(c, run_id: str) -> str:
 
 
 def log_artifact(c, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-    """The file at PATH into the run's artifacts, under ARTIFACT_PATH (a folder) when given."""
+    """The file at PATH into the run's artifacts, under ARTIFACT_PATH (a folder) when given; a text file (a space
+    file, a leaderboard, a config) goes as a copy with its credentials redacted."""
+    path = Path(path)
+    if path.suffix.lower() in TEXT_ARTIFACTS and path.is_file():
+        text = path.read_text(errors="replace")
+        redacted = redact_file_text(text)
+        if redacted != text:
+            with tempfile.TemporaryDirectory() as d:
+                copy = Path(d) / path.name
+                copy.write_text(redacted)
+                c.log_artifact(run_id, str(copy), artifact_path)
+            return
     c.log_artifact(run_id, str(path), artifact_path)
 
 
@@ -359,7 +405,7 @@ def download_artifact(uri: str, run_id: str, artifact: str, dest: str | Path) ->
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [""])[0]
+    return redact_text((str(err).splitlines() or [""])[0])
 
 
 @contextmanager

@@ -68,6 +68,7 @@ def make_trainable(space: SearchSpace, trials_storage: str, hooks) -> Any:
     """The trainable of SPACE's runtime. warm: the trial's Tune actor trains, so it reserves the worker's CPUs and GPU
     share itself. trainer: the trial driver only waits on its TorchTrainer, whose workers reserve their own CPUs/GPUs,
     so it asks for a little memory and no CPU, and N concurrent trials need exactly N x their workers' CPUs."""
+    space = space.redacted()  # the trials use no credential of the base, and Ray keeps what they are given
     if space.runtime == "warm":
         from .warm_trial import run_warm_trial
 

@@ -16,6 +16,11 @@ stdout carries the job id alone (`JOB=$(scripts/submit_study.py ...)`); everythi
 - --working-dir (optional) is uploaded and becomes the job's working directory: put the space/config YAML there.
   Relative paths in it (run.storage_path, tracking URIs) would land inside Ray's temp folder on the head, which
   `ray down` deletes: use absolute, NFS or s3:// / gs:// paths (this script refuses a relative --storage).
+- Credentials (a tracking URI's `user:password@`, a storage URL's keys, `token=`/`sig=` parameters) are not sent:
+  Ray keeps a job's entrypoint in its metadata, readable by everyone who can read the cluster. The entrypoint carries
+  them redacted (`***`), and raysegtrain on the cluster takes them from its environment (`$MLFLOW_TRACKING_URI`,
+  `$RAYSEGTRAIN_RUN_STORAGE_PATH`, `$RAYSEGTRAIN_<SECTION>_<KEY>`, or the storage's own credentials such as
+  `$AWS_ACCESS_KEY_ID`); this script says which keys need it. Nothing it prints shows a credential either.
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ import sys
 import time
 from pathlib import Path
 
+if (Path(__file__).resolve().parents[1] / "raysegtrain").is_dir():  # the checkout's own package, installed or not
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raysegtrain.redaction import environment_names, redact_text, redact_value  # noqa: E402
+
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -40,13 +49,28 @@ def find_token() -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
-def entrypoint(args) -> str:
-    """`<python> -m raysegtrain tune SPACE ... --no-progress` (or `fit CONFIG ...`), with the storage/MLflow overrides."""
+def overrides_sent(args) -> tuple[list[str], list[str]]:
+    """The job's `key=value` overrides with the storage/MLflow ones, credentials redacted; and the keys whose value
+    was redacted (the cluster's environment must supply them)."""
     overrides = list(args.overrides)
     if args.storage:
         overrides.append(f"run.storage_path={args.storage}")
     if args.mlflow_uri:
         overrides.append(f"tracking.tracking_uri={args.mlflow_uri}")
+    sent, redacted = [], []
+    for word in overrides:
+        key, eq, value = word.partition("=")
+        clean = f"{key}={redact_value(key, value)}" if eq else redact_text(word)
+        if clean != word:
+            redacted.append(key)
+        sent.append(clean)
+    return sent, redacted
+
+
+def entrypoint(args) -> str:
+    """`<python> -m raysegtrain tune SPACE ... --no-progress` (or `fit CONFIG ...`), with the storage/MLflow overrides
+    (credentials redacted: `overrides_sent`)."""
+    overrides, _ = overrides_sent(args)
     words = [args.python, "-m", "raysegtrain", "fit" if args.fit else "tune", args.target, *overrides, "--no-progress"]
     if args.name and not args.fit:
         words += ["--name", args.name]
@@ -61,6 +85,21 @@ def submission_id(args) -> str:
 
 
 def guidance(address: str, job_id: str, args) -> str:
+    """What to do next, for a human; credentials redacted."""
+    return redact_text(_guidance(address, job_id, args))
+
+
+def credentials_note(args) -> str | None:
+    """The keys whose credentials were not sent, and where the cluster takes them from; None when none were."""
+    _, keys = overrides_sent(args)
+    if not keys:
+        return None
+    where = "; ".join(f"{k}: {' or '.join('$' + n for n in environment_names(k))}" for k in keys)
+    return (f"credentials not sent with the job (Ray keeps its entrypoint): the cluster's environment must supply "
+            f"them ({where}), or the storage's own credentials")
+
+
+def _guidance(address: str, job_id: str, args) -> str:
     storage = args.storage or ("the run.storage_path of the config (absolute, NFS or s3:// / gs:// on a cluster)")
     mlflow = args.mlflow_uri or "the head's $MLFLOW_TRACKING_URI (cluster/*.yaml set it on the head)"
     return "\n".join([
@@ -88,7 +127,7 @@ def client_for(address: str):
 
 async def _tail(client, job_id: str) -> None:
     async for chunk in client.tail_job_logs(job_id):
-        sys.stderr.write(chunk)
+        sys.stderr.write(redact_text(chunk))
         sys.stderr.flush()
 
 
@@ -146,14 +185,17 @@ def main(argv=None) -> int:
                                    submission_id=submission_id(args),
                                    metadata={"tool": "raysegtrain", "kind": "fit" if args.fit else "tune"})
     except AuthenticationError as e:
-        print(f"error: {str(e).splitlines()[0]} (the token sent: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or "
+        print(f"error: {redact_text(str(e).splitlines()[0])} (the token sent: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH or "
               f"~/.ray/auth_token must be the cluster's)", file=sys.stderr)
         return 2
     except ConnectionError as e:
-        print(f"error: {e} (is the dashboard forwarded? `ray dashboard cluster/<cloud>.yaml`)", file=sys.stderr)
+        print(f"error: {redact_text(str(e))} (is the dashboard forwarded? `ray dashboard cluster/<cloud>.yaml`)", file=sys.stderr)
         return 2
     print(job_id, flush=True)
     print(guidance(args.address, job_id, args), file=sys.stderr, flush=True)
+    note = credentials_note(args)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     if not args.wait:
         return 0
     status = wait(client, job_id, follow=True, timeout_s=args.timeout)

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from ..config import LOSS_TERMS, Config, apply_overrides, format_validation_error, monitor_mode
 from ..errors import ConfigError
+from ..redaction import redact_config_dict, supply_redacted
 from .keys import LOSS_WEIGHT_KEYS, RAY_RESULT_KEY
 from .naming import assign_names, check_conflicts, check_unique_names
 from .nodes import Constant, iter_nodes
@@ -148,18 +149,30 @@ class SearchSpace:
                 yield overrides, self.trial_config(overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything about the study, for logging: the space file as applied, the resolved base and parameters."""
-        return {"source": self.source, **copy.deepcopy(self.raw),
+        """Everything about the study, for logging (credentials redacted): the space file as applied, the resolved
+        base and parameters."""
+        return redact_config_dict({"source": self.source, **copy.deepcopy(self.raw),
                 "resolved": {"metric": self.metric, "mode": self.mode, "num_samples": self.num_samples,
                              "time_budget_s": self.time_budget_s, "max_concurrent_trials": self.max_concurrent_trials,
                              "trial_runtime": self.runtime, "asha": self.asha, "points_to_evaluate": self.points_to_evaluate,
                              "parameters": self.parameters},
-                "base_config": self.base_config.to_dict()}
+                "base_config": self.base_config.to_dict()})
+
+    def redacted(self) -> "SearchSpace":
+        """This space with every credential of its base redacted: what travels to the trials (which write no
+        MLflow run and store through Tune's storage) and into Ray's saved study state."""
+        other = copy.copy(self)
+        other.settings = self.settings.model_copy(update={"overrides": redact_config_dict(self.settings.overrides)})
+        other.raw = redact_config_dict(self.raw)
+        other._study_raw = redact_config_dict(self._study_raw)
+        other._study_raw_no_loss_weights = redact_config_dict(self._study_raw_no_loss_weights)
+        other.base_config = Config.model_validate(self.base_config.redacted_dict())
+        return other
 
     # -- building configs ------------------------------------------------------------------------------------
     def _study_base(self, base_raw: dict) -> dict:
         s = self.settings
-        raw = apply_overrides(base_raw, s.overrides)
+        raw = supply_redacted(apply_overrides(base_raw, s.overrides), self.source)
         base = self._build(raw, {}, "base")
         asked = s.objective.metric
         self._metric = base.train.monitor if asked == "auto" else asked
