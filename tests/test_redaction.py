@@ -372,13 +372,13 @@ def test_a_study_saves_no_credential_in_its_state_and_files(tmp_path):
     uri = f"http://alice:{PASSWORD}@127.0.0.1:5091"
     space = load_space(ROOT / "search_spaces" / "smoke.yaml", [f"tracking.tracking_uri={uri}"])
     assert space.base_config.tracking.tracking_uri == uri
-    logger = MLflowTrialLogger(space, "s", StudyRun(uri, "run-1"))
+    logger = MLflowTrialLogger(space, "s", StudyRun(uri, "run-1", "1", "raysegtrain/s"))
     for callback in (logger, StudyStatusTable(space, "s")):
         saved = cloudpickle.dumps(callback)
         assert PASSWORD.encode() not in saved
     MLflowTrialLogger.driver_uris.clear()
     assert cloudpickle.loads(cloudpickle.dumps(logger)).uri == "http://alice:***@127.0.0.1:5091"
-    MLflowTrialLogger(space, "s", StudyRun(uri, "run-1"))  # the resumed driver, given the URI again
+    MLflowTrialLogger(space, "s", StudyRun(uri, "run-1", "1", "raysegtrain/s"))  # the resumed driver, given the URI again
     restored = cloudpickle.loads(cloudpickle.dumps(logger))
     assert restored.uri == uri and restored.space.base_config.tracking.tracking_uri.endswith(":***@127.0.0.1:5091")
     assert PASSWORD not in repr(space.to_dict())

@@ -50,9 +50,10 @@ def test_study_view_state_has_the_studys_columns_and_order():
     space = load_space(SMOKE, [])
     state = study_view.view_state(space, "p1")
     assert state["searchFilter"] == "tags.`mlflow.parentRunId` = 'p1'"
-    assert state["orderByKey"] == "metrics.`best_val_iou`" and state["orderByAsc"] is False
+    # the smoke study's objective is the foreground IoU (binary data): it orders the view, once among the columns
+    assert state["orderByKey"] == "metrics.`best_val_fg_iou`" and state["orderByAsc"] is False
     cols = state["selectedColumns"]
-    for col in ("metrics.`best_val_iou`", "metrics.`best_val_fg_iou`", "tags.`outcome`", "params.`model.arch`",
+    for col in ("metrics.`best_val_fg_iou`", "tags.`outcome`", "params.`model.arch`",
                 "params.`model.encoder`", "params.`optim.lr`", "params.`schedule.name`", "params.`loss.dice`",
                 "params.`schedule.step_size`"):
         assert col in cols, col
@@ -60,7 +61,7 @@ def test_study_view_state_has_the_studys_columns_and_order():
 
 
 def test_dashboard_links_trials_names_ties_and_degenerate_models():
-    space = load_space(SMOKE, [])
+    space = load_space(SMOKE, ["train.monitor=val_iou"])  # a macro-mean objective: the foreground IoU shown beside
     rows = [{"trial_id": "a", "val_iou": 0.8, "fg_iou": 0.7, "epochs": 3, "state": "completed", "param.optim.lr": 1e-3},
             {"trial_id": "b", "val_iou": 0.79995, "fg_iou": 0.001, "epochs": 3, "state": "completed",
              "param.optim.lr": 2e-3},
@@ -92,7 +93,7 @@ def test_optuna_plots_name_config_keys_and_mark_pruned_trials(tmp_path):
 
     from raysegtrain.study_report import optuna_plots, replayed_study
 
-    space = load_space(SMOKE, [])
+    space = load_space(SMOKE, ["train.monitor=val_iou"])
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     rows = []
     for i in range(4):

@@ -154,15 +154,16 @@ def test_ui_link_opens_the_study_in_a_real_mlflow_server(smoke_study, tmp_path):
         tags = {t["key"]: t["value"] for t in
                 api(f"experiments/get?experiment_id={experiment_id}")["experiment"].get("tags", [])}
         view = json.loads(tags[f"mlflow.sharedViewState.{key}"])
-        for column in ("metrics.`best_val_iou`", "metrics.`best_val_fg_iou`", "tags.`outcome`",
+        for column in ("metrics.`best_val_fg_iou`", "tags.`outcome`",
                        "params.`model.arch`", "params.`model.encoder`", "params.`optim.lr`"):
             assert column in view["selectedColumns"], column
         # the view's search, as the runs table sends it: the study's trials only, best first
         found = api("runs/search", {"experiment_ids": [experiment_id], "filter": view["searchFilter"],
-                                    "order_by": ["metrics.`best_val_iou` DESC"], "max_results": 100})["runs"]
+                                    "order_by": [view["orderByKey"] + " DESC"], "max_results": 100})["runs"]
         assert len(found) == len(smoke_study.leaderboard)
         first = found[0]["data"]
-        best = {m["key"]: m["value"] for m in first["metrics"]}["best_val_iou"]
+        assert view["orderByKey"] == "metrics.`best_val_fg_iou`"  # the smoke study's objective
+        best = {m["key"]: m["value"] for m in first["metrics"]}["best_val_fg_iou"]
         assert best == pytest.approx(smoke_study.best_value)  # the winner, or a trial tied with it
         assert {"model.arch", "model.encoder", "optim.lr"} <= {p["key"] for p in first["params"]}
     finally:
