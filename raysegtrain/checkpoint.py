@@ -45,7 +45,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
-        raise UserError(f"cannot load checkpoint {p}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load checkpoint {p}: {load_failure(e)}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{p} is not a raysegtrain checkpoint (no 'model' entry)")
     return state
+
+
+def load_failure(err: BaseException) -> str:
+    """Why a safe load failed, in one line. PyTorch's own message for a refused object leads with advice to load with
+    weights_only=False (which would run whatever the file asks); the reason is further down: keep only that."""
+    import re
+
+    text = str(err)
+    refused = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed global| Please use |\n|$)", text)
+    if refused:
+        return (f"refused by the safe loader: {refused.group(1).strip().rstrip('.')}. A raysegtrain checkpoint holds "
+                f"only tensors and plain values; this file asks to load code or objects, so it was not written by "
+                f"raysegtrain or was changed since")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return lines[0] if lines else type(err).__name__
+

@@ -31,6 +31,28 @@ MONITORABLE = ("val_iou", "val_dice", "val_loss", "val_precision", "val_recall",
                "val_image_iou")
 
 
+# The keys `fit --resume NAME` may change, and what a change does. A resume trains the run's own config (kept in its
+# folder); these keys leave what is trained alone (data, model, loss, optimiser, schedule, batch, workers): they say
+# how long it trains, when it stops early, where it is stored, and how the machine feeds and records it. Any other
+# key on a resume's command line is refused before Ray starts.
+RESUME_SAFE_KEYS: dict[str, str] = {
+    "train.epochs": "train for more (or fewer) epochs",
+    "train.early_stopping.patience": "stop early after more or fewer epochs without improvement",
+    "train.early_stopping.min_delta": "what counts as an improvement for early stopping",
+    "data.loader_workers": "DataLoader processes: speed only",
+    "data.preflight": "how many files are read before the run continues",
+    "data.cache": "decoded images kept in memory or not: speed only",
+    "scaling.cpus_per_worker": "CPUs reserved per worker: speed only",
+    "scaling.wait_for_resources": "wait for an autoscaler instead of checking the cluster now",
+    "run.storage_path": "where to look for the run's folder (where it already is)",
+    "run.max_failures": "worker-group restarts after a failure",
+    "run.keep_checkpoints": "how many checkpoints stay",
+    "run.checkpoint_every": "how often a checkpoint is written",
+    "tracking.num_overlays": "validation images drawn with predictions at the end",
+    "tracking.log_checkpoint": "whether the best checkpoint goes to MLflow",
+}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -45,7 +45,7 @@ def open_study_run(space: SearchSpace, space_path: str | Path, name: str, resume
         tracking.log_params(c, parent, flatten(settings, "study."))
         tracking.log_artifact(c, parent, Path(space_path).resolve(), "study")
     else:
-        tracking.mark_running(tracking.client(uri), parent)
+        tracking.reopen_run(tracking.client(uri), parent)
     return StudyRun(uri, parent)
 
 
@@ -101,7 +101,8 @@ def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace) -> 
         if child:
             tracking.set_tag(c, child, "best_trial", "true")
     tracking.log_metrics(c, run.run_id, metrics, step=0)
-    tracking.end_run(run.uri, run.run_id, "FINISHED", {"best_trial": best["trial_id"]} if best else {})
+    tracking.end_run(run.uri, run.run_id, "FINISHED",
+                     {"state": "finished", **({"best_trial": best["trial_id"]} if best else {})})
 
 
 # ----------------------------------------------------------------------------------------------- the trials' runs
@@ -144,7 +145,7 @@ class MLflowTrialLogger(TrialProgressCallback):
             st.run_id = (tracking.find_child_run(self.client, self.parent_run_id, TRIAL_TAG, trial.trial_id)
                          or self._open_child(trial, st))
         elif self.client:
-            tracking.mark_running(self.client, st.run_id)
+            tracking.reopen_run(self.client, st.run_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         st = self.progress(trial)

@@ -12,6 +12,7 @@ best config and Optuna's plots.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -33,7 +34,7 @@ from .ray_internal import orphaned_placement_groups
 from .ray_support import build_trainer, init_ray, prestart_train_helpers, ray_scaling, root_cause, storage_root
 from .search_space import SearchSpace, load_space
 from .study_report import StudyReport, write_report
-from .study_status import StudyStatusTable
+from .study_status import FailedTrialLines, StudyStatusTable
 from .study_trials import TrialProgressCallback
 from .study_tracking import (MLflowTrialLogger, StudyRun, close_interrupted_study, finish_study_run,
                              kept_trials, log_kept_checkpoints, open_study_run, prune_checkpoints)
@@ -136,6 +137,8 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
     check_study(space)
     place = study_place(space.base_config, study_name(space_path, name), resume)
     start_ray(space.base_config, address, verbose)
+    # a failed trial is one line (FailedTrialLines); Tune would print its whole traceback, which stays in its log
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     print(study_header(space, place.name), file=sys.stderr)
     study_run = open_study_run(space, space_path, place.name, resume)
     trial_runs = MLflowTrialLogger(space, place.name, study_run)
@@ -211,8 +214,10 @@ def study_header(space: SearchSpace, name: str) -> str:
 
 
 def study_callbacks(space: SearchSpace, name: str, trial_runs: MLflowTrialLogger, live: bool) -> list:
-    """Tune callbacks, run in the driver in this order: MLflow, the live status table (LIVE), placement groups."""
-    return [trial_runs, *([StudyStatusTable(space, name)] if live else []), ReleaseOrphanedPlacementGroups()]
+    """Tune callbacks, run in the driver in this order: MLflow, the live status table (LIVE), one line per failed
+    trial, placement groups."""
+    return [trial_runs, *([StudyStatusTable(space, name)] if live else []), FailedTrialLines(space, name),
+            ReleaseOrphanedPlacementGroups()]
 
 
 def make_tuner(space: SearchSpace, place: StudyPlace, resume: bool, hooks, callbacks: list) -> tune.Tuner:
