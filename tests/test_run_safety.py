@@ -18,6 +18,7 @@ from raysegtrain.checkpoint import load_checkpoint
 from raysegtrain.cli import main
 from raysegtrain.errors import ConfigError, UserError
 from raysegtrain.hooks import Hook
+from raysegtrain.train import fit
 
 from .conftest import TINY
 
@@ -185,3 +186,105 @@ def test_a_resumed_study_run_drops_its_interrupted_state(tmp_path):
     assert again.run_id == first.run_id
     run = tracking.client(again.uri).get_run(again.run_id)
     assert run.info.status == "RUNNING" and "state" not in run.data.tags
+
+
+def test_hub_weights_unreachable_and_not_cached_are_one_line_before_ray(tmp_path, capsys, no_ray, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing answers
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    rc = main(["fit", *TINY, "model.encoder_weights=imagenet", f"run.storage_path={tmp_path}",
+               "tracking.enabled=false", "--no-progress"])
+    line = _one_error_line(capsys)
+    assert rc == 2 and "model.encoder_weights='imagenet'" in line and "cannot be reached" in line, line
+    assert not list(tmp_path.glob("fit-*")), "a run folder was left for a run that never started"
+
+
+# ----------------------------------------------------------------------------------------- end to end (Ray)
+class Diverge(Hook):
+    """Makes every validation read like a run whose logits ran away (a huge loss, finite)."""
+
+    def after_epoch(self, metrics):
+        if "val_loss" in metrics:
+            metrics["val_loss"] = 9.9e12
+
+
+def test_resume_trains_the_runs_own_config_and_records_what_changed(tiny_cfg, tmp_path, ray_local, capsys):
+    storage, uri = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_cfg("scaling.use_gpu=false", "train.epochs=1", "run.name=own", f"run.storage_path={storage}",
+                   f"tracking.tracking_uri={uri}", "data.synthetic.num_train=8", "tracking.num_overlays=0")
+    first = fit(cfg, hooks=[Diverge()])
+    assert first.warnings and "val_loss 9.9e+12 at epoch 1" in first.warnings[0], first.warnings
+    c = tracking.client(uri)
+    assert "val_loss 9.9e+12" in c.get_run(first.mlflow_run_id).data.tags["diverged"]
+    capsys.readouterr()
+
+    # the command line names nothing of the run's config: the run's own comes back, with the one safe change
+    rc = main(["fit", "--resume", "own", f"run.storage_path={storage}", "train.epochs=2", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err[-3000:]
+    assert "changed: train.epochs 1 -> 2" in err and "Traceback" not in err
+    run = c.get_run(first.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resume_changes"] == "train.epochs 1 -> 2"
+    assert "diverged" not in run.data.tags  # the end of the first attempt no longer describes the run
+    assert sorted(m.step for m in c.get_metric_history(first.mlflow_run_id, "val_iou")) == [1, 2]
+    state = load_checkpoint(sorted((storage / "own").glob("checkpoint_*/checkpoint.pt"))[-1])
+    trained = state["config"]
+    assert state["epoch"] == 2 and trained["model"]["encoder"] == "resnet18"
+    assert trained["data"]["synthetic"]["num_train"] == 8 and trained["data"]["image_size"] == 64
+    assert run_folder.RunFolder(str(storage), "own").read_config().train.epochs == 2  # a later resume goes on
+
+
+LISTENING = """
+import json, os, sys
+from pathlib import Path
+
+import psutil
+
+from raysegtrain import config
+from raysegtrain.hooks import Hook
+from raysegtrain.train import fit
+
+
+class ListListening(Hook):
+    # in the worker, while the run trains: every listening socket of the driver's Ray processes
+    def __init__(self, driver, out):
+        self.driver, self.out = driver, out
+
+    def after_epoch(self, metrics):
+        found = []
+        for p in psutil.Process(self.driver).children(recursive=True):
+            try:
+                found += [[p.name(), c.laddr.ip, c.laddr.port] for c in p.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                pass
+        Path(self.out).write_text(json.dumps({"listening": found, "master_port": os.environ.get("MASTER_PORT")}))
+
+
+fit(config.load(None, sys.argv[2:]), hooks=[ListListening(os.getpid(), sys.argv[1])])
+"""
+
+
+def test_a_local_fit_listens_on_loopback_only(tiny_cfg, tmp_path):
+    import ipaddress
+    import json
+    import tempfile
+
+    out = tmp_path / "listening.json"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="rst")}  # Ray's socket paths must stay under 107 bytes
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-c", LISTENING, str(out), *TINY, "train.epochs=1", "scaling.use_gpu=false",
+                        f"run.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"],
+                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    listening = seen["listening"]
+    names = {name for name, _, _ in listening}
+    assert "gcs_server" in names and "raylet" in names, listening
+    # PyTorch's rendezvous store (rank 0's TCPStore on MASTER_PORT, for the run's process group) binds every
+    # interface whatever the address it is given: it is PyTorch's, not Ray's, and lives while the workers train
+    ray_own = [s for s in listening if str(s[2]) != seen["master_port"]]
+    exposed = [s for s in ray_own if not ipaddress.ip_address(s[1].removeprefix("::ffff:")).is_loopback]
+    assert not exposed, exposed
