@@ -288,3 +288,19 @@ def test_a_local_fit_listens_on_loopback_only(tiny_cfg, tmp_path):
     ray_own = [s for s in listening if str(s[2]) != seen["master_port"]]
     exposed = [s for s in ray_own if not ipaddress.ip_address(s[1].removeprefix("::ffff:")).is_loopback]
     assert not exposed, exposed
+
+
+def test_a_local_ray_that_cannot_start_is_one_line_naming_its_logs(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_TMPDIR": str(blocker)}
+    env.pop("RAY_ADDRESS", None)
+    p = subprocess.run([sys.executable, "-m", "raysegtrain", "fit", *TINY, f"run.storage_path={tmp_path / 'runs'}",
+                        "tracking.enabled=false", "--no-progress"], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    lines = [ln for ln in p.stderr.strip().splitlines()
+             if ln.strip() and not ln.startswith("generating the synthetic dataset ")]
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert lines[0].startswith("error: Ray could not start on this machine"), lines
+    assert f"its logs are in {blocker}/ray/session_latest/logs" in lines[0], lines
+    assert not list((tmp_path / "runs").iterdir()), "the name of a run that never started stays taken"
