@@ -353,7 +353,8 @@ class RunSettings(Section):
                             "each of those keys not set explicitly; auto: cpu when the run will have no GPU and none "
                             "of those keys (the CPUs aside) nor data.root is set, else full. fit records what it "
                             "chose (cpu or full) in the config it trains, logs and checkpoints")
-    name: Optional[str] = Field(None, description="run name; default fit-<date>-<time>; reused only with --resume")
+    name: Optional[str] = Field(None, description="run name; default fit-<date>-<time>-<4 hex>; reserved when the run "
+                                                  "starts (its folder created), reused only with --resume")
     storage_path: str = Field("runs", description="checkpoints and Ray results: local folder, NFS path, s3:// or gs://")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure (-1 = unlimited)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept by Ray (best by monitor and the latest)")
@@ -610,7 +611,8 @@ def describe_defaults() -> str:
                 shown = f"{default:g}"
             else:
                 shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"{prefix}{name} = {shown}    # {f.description or ''}")
+            on_resume = " [fit --resume may change it]" if f"{prefix}{name}" in RESUME_SAFE_KEYS else ""
+            lines.append(f"{prefix}{name} = {shown}    # {f.description or ''}{on_resume}")
 
     walk(Config, "")
     return "\n".join(lines)
