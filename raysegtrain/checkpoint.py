@@ -52,16 +52,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_failure(err: BaseException) -> str:
-    """Why a safe load failed, in one line. PyTorch's own message for a refused object leads with advice to load with
-    weights_only=False (which would run whatever the file asks); the reason is further down: keep only that."""
+    """Why a safe load failed, in one line. PyTorch's message for a refused object leads with advice to load with
+    weights_only=False (which would run whatever the file asks) and gives the reason further down ("Unsupported
+    global: GLOBAL posix.system ...", or "Trying to load unsupported GLOBAL posix.system ..." depending on the
+    version): keep only the reason."""
     import re
 
     text = str(err)
-    refused = re.search(r"WeightsUnpickler error: (.+?)(?: was not an allowed global| Please use |\n|$)", text)
-    if refused:
-        return (f"refused by the safe loader: {refused.group(1).strip().rstrip('.')}. A raysegtrain checkpoint holds "
-                f"only tensors and plain values; this file asks to load code or objects, so it was not written by "
-                f"raysegtrain or was changed since")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
-    return lines[0] if lines else type(err).__name__
-
+    if "Weights only load failed" not in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return lines[0] if lines else type(err).__name__
+    reasons = [re.sub(r"^WeightsUnpickler error: ", "", ln.strip()) for ln in text.splitlines()
+               if ln.strip() and not re.search(r"weights_only|Weights only load failed|^\(?\d\)", ln.strip())]
+    reason = re.split(r" Please use | was not an allowed global", reasons[0])[0] if reasons else "an object it forbids"
+    return (f"refused by the safe loader: {reason.rstrip('.')}. A raysegtrain checkpoint holds only tensors and plain "
+            f"values; this file asks to load code or other objects, so it was not written by raysegtrain or was "
+            f"changed since")

@@ -1,10 +1,11 @@
 """A run's folder, `run.storage_path/<name>`: its name reserved at the start, and the config it trains kept in it.
 
-A new run creates its folder exclusively (`mkdir` without `exist_ok`, atomic on a local or NFS path) as soon as its
-inputs have passed their checks, before Ray starts: two fits given one name cannot both have it, and an unwritable
-`run.storage_path` is found there, in a second. The resolved config is written into the folder at once
-(`RUN_CONFIG`), so that `fit --resume NAME` trains what the run was started with even when no checkpoint was written
-yet. On remote storage (s3://, gs://) the reservation is a check then a write: not atomic.
+A new run creates its folder exclusively (`mkdir` without `exist_ok`, atomic on a local or NFS path) at its start,
+before its checks and long before Ray: two fits given one name cannot both have it, and an unwritable
+`run.storage_path` is found there, in a second. A run that stops before it trains gives the name back (`release`).
+Once the checks pass, the resolved config is written into the folder (`RUN_CONFIG`), so that `fit --resume NAME`
+trains what the run was started with even when no checkpoint was written yet. On remote storage (s3://, gs://) the
+reservation is a check then a write: not atomic.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class RunFolder:
     storage: str
     name: str
     created: bool = False
+    created_storage: bool = False  # the storage folder itself was made for this run
 
     @property
     def remote(self) -> bool:
@@ -92,6 +94,8 @@ class RunFolder:
             if {p.name for p in folder.iterdir()} <= {RUN_CONFIG}:
                 (folder / RUN_CONFIG).unlink(missing_ok=True)
                 folder.rmdir()
+                if self.created_storage:
+                    folder.parent.rmdir()  # fails, and stays, if another run has appeared in it
         except OSError:  # something else appeared in it meanwhile: it stays
             pass
 
@@ -112,6 +116,7 @@ def reserve(storage: str, name: str | None) -> RunFolder:
                 fs.create_dir(base, recursive=True)
                 taken = False
         else:
+            folder.created_storage = not Path(storage).exists()
             taken = _make_exclusive(Path(folder.path), storage)
         if not taken:
             folder.created = True

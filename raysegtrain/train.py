@@ -87,9 +87,9 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
 def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool, progress: str | None, console,
             custom_data: bool) -> tuple[Config, run_folder.RunFolder, dict, Any]:
     """Everything the user gave, resolved and checked before anything starts: the preset (announced when someone
-    watches), absolute paths for the workers, on resume the run's own config, data and model checks, and last the run
-    folder (a new run's name reserved in it). Returns the config, the folder, the keys a resume changed
-    ({key: (was, now)}) and the console for the rest of the run."""
+    watches), absolute paths for the workers, the run folder (a new run's name reserved by creating it; on resume the
+    run's own config, changed only in safe keys), then the store, data and model checks. Returns the config, the
+    folder, the keys a resume changed ({key: (was, now)}) and the console for the rest of the run."""
     cfg, preset_note = presets.resolve(cfg, lambda: presets.probe(address, verbose), custom_data)
     generation = None
     if progress is not None:  # someone watches: the preset auto chose, the synthetic set being generated
@@ -97,7 +97,7 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
 
         console, generation = driver_output(preset_note, progress, console)
     cfg = with_absolute_paths(cfg)
-    folder, changed = None, {}
+    changed = {}
     if resume:
         folder = run_folder.existing(storage_root(cfg), resume)
         if cfg.run.name is None:
@@ -106,20 +106,23 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
         if console is not None:
             console.print(f"resuming run {resume} on the config it was started with; changed: "
                           f"{resuming.describe(changed)}")
-    if cfg.tracking.enabled:  # a store that cannot be used would fail the run after Ray and the data are ready
-        tracking.check_store(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
-    if custom_data:
-        preflight.check_augment(cfg), preflight.check_model(cfg)
-    else:
-        preflight.check_fit(cfg, generation)
-    if folder is None:
+    else:  # the name is this run's from here on: a second fit given it is refused at once
         folder = run_folder.reserve(storage_root(cfg), cfg.run.name)
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": folder.name})})
     try:
-        folder.write_config(cfg)  # what a later --resume trains
-    except OSError as e:
-        folder.release()
-        raise UserError(f"cannot write into {folder.path} ({e.strerror or e})") from None
+        if cfg.tracking.enabled:  # a store that cannot be used would fail the run after Ray and the data are ready
+            tracking.check_store(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
+        if custom_data:
+            preflight.check_augment(cfg), preflight.check_model(cfg)
+        else:
+            preflight.check_fit(cfg, generation)
+        try:
+            folder.write_config(cfg)  # what a later --resume trains
+        except OSError as e:
+            raise UserError(f"cannot write into {folder.path} ({e.strerror or e})") from None
+    except BaseException:
+        folder.release()  # a mistake found here leaves nothing behind
+        raise
     return cfg, folder, changed, console
 
 
