@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import RESUME_SAFE_KEYS, Config, build, flatten, split_override
+from .config import RESUME_SAFE_KEYS, Config, build, check_config_key, flatten, split_override
 from .errors import ConfigError, UserError
 from .run_folder import RunFolder
 
@@ -53,14 +53,15 @@ def config_for_resume(name: str, items: list[str]) -> Config:
         raise ConfigError(f"--resume {name} continues the run on the config it was started with: drop {given[0]!r} "
                           f"(a config file or dataset folder); only key=value overrides of {SAFE_LIST} are allowed")
     overrides = dict(split_override(o) for o in items)
+    for key in overrides:
+        check_config_key(key, f"--resume {name}")  # a misspelt key is unknown, not unsafe
     refuse_unsafe(overrides)
     where = build({}, {k: v for k, v in overrides.items() if k == "run.storage_path"})
     folder = RunFolder(storage_root(where), name)
     if not folder.exists():
         raise UserError(f"no run named {name!r} under {folder.storage} to resume")
     saved = run_config(folder)
-    return build(saved.to_dict(), {k: v for k, v in overrides.items() if k != "run.storage_path"},
-                 source=f"--resume {name}")
+    return build(saved.to_dict(), overrides, source=f"--resume {name}")
 
 
 def changes(saved: Config, cfg: Config) -> dict[str, tuple[Any, Any]]:

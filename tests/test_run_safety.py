@@ -44,6 +44,7 @@ def _one_error_line(capsys) -> str:
     (["model.arch=fpn"], "model.arch cannot change"),
     (["train.epochs=3", "data.root=/elsewhere"], "data.root cannot change"),
     (["my.yaml"], "drop 'my.yaml'"),
+    (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
 ])
 def test_resume_refuses_what_it_may_not_change_before_ray(tmp_path, capsys, no_ray, given, refused):
     rc = main(["fit", "--resume", "some-run", f"run.storage_path={tmp_path}", *given, "--no-progress"])
