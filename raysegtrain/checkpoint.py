@@ -49,7 +49,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
-        raise UserError(f"cannot load checkpoint {p}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load checkpoint {p}: {load_failure(e)}") from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{p} is not a raysegtrain checkpoint (no 'model' entry)")
     return state
+
+
+def load_failure(err: BaseException) -> str:
+    """Why a safe load failed, in one line. PyTorch's message for a refused object leads with advice to load with
+    weights_only=False (which would run whatever the file asks) and gives the reason further down ("Unsupported
+    global: GLOBAL posix.system ...", or "Trying to load unsupported GLOBAL posix.system ..." depending on the
+    version): keep only the reason."""
+    import re
+
+    text = str(err)
+    if "Weights only load failed" not in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return lines[0] if lines else type(err).__name__
+    reasons = [re.sub(r"^WeightsUnpickler error: ", "", ln.strip()) for ln in text.splitlines()
+               if ln.strip() and not re.search(r"weights_only|Weights only load failed|^\(?\d\)", ln.strip())]
+    reason = re.split(r" Please use | was not an allowed global", reasons[0])[0] if reasons else "an object it forbids"
+    return (f"refused by the safe loader: {reason.rstrip('.')}. A raysegtrain checkpoint holds only tensors and plain "
+            f"values; this file asks to load code or other objects, so it was not written by raysegtrain or was "
+            f"changed since")

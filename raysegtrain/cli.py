@@ -43,7 +43,12 @@ def cmd_fit(args) -> int:
     from .terminal import console as make_console
     from .train import fit
 
-    cfg = _load(args.config)
+    if args.resume:  # the run's own config, with the overrides a resume may make
+        from .resume import config_for_resume
+
+        cfg = config_for_resume(args.resume, args.config)
+    else:
+        cfg = _load(args.config)
     console = make_console()
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -60,9 +65,13 @@ def cmd_fit(args) -> int:
         result = fit(cfg, resume=args.resume, address=args.address, verbose=args.verbose,
                      progress="lines" if args.no_progress else "bar", console=console, on_ready=announce)
     except Interrupted as e:
-        # --resume reads its config from the command line, as a new run does: the hint repeats it
-        again = ["raysegtrain", "fit", *args.config, *(["--address", args.address] if args.address else []),
-                 "--resume", e.run_name]
+        # the run's folder keeps its config: the hint needs only where that folder is
+        from .config import RunSettings
+
+        default = RunSettings.model_fields["storage_path"].default
+        where = [f"run.storage_path={cfg.run.storage_path}"] if cfg.run.storage_path != default else []
+        again = ["raysegtrain", "fit", "--resume", e.run_name, *where,
+                 *(["--address", args.address] if args.address else [])]
         print(f"interrupted: continue with {redact_text(shlex.join(again))}", file=sys.stderr, flush=True)
         return e.exit_code
     best = f"{result.best_value:.4f}" if result.best_value is not None else "n/a"
@@ -70,6 +79,8 @@ def cmd_fit(args) -> int:
     if result.degenerate:
         console.print(f"  [yellow]warning[/]: the best model is {result.degenerate} (see the confusion matrix in "
                       f"MLflow)")
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning[/]: {warning}")
     console.print(f"  best checkpoint: {result.best_checkpoint}")
     if result.mlflow_run_id:
         from . import tracking
@@ -318,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="train a model with Ray Train (DDP over workers)")
     f.add_argument("config", nargs="*", metavar="[CONFIG.yaml | DATASET_DIR] [key=value]", help=CONFIG_ARGS_HELP)
-    f.add_argument("--resume", metavar="NAME", help="continue the interrupted run NAME from its latest checkpoint")
+    f.add_argument("--resume", metavar="NAME",
+                   help="continue run NAME from its latest checkpoint, on the config it was started with; only "
+                        "key=value overrides of the keys a resume may change (train.epochs, ...) are allowed")
     f.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     f.add_argument("--verbose", action="store_true", help="show Ray's and the workers' logs")
     f.add_argument("--no-progress", action="store_true", help="no progress bar: one line per epoch (for logs)")

@@ -31,6 +31,33 @@ MONITORABLE = ("val_iou", "val_dice", "val_loss", "val_precision", "val_recall",
                "val_image_iou")
 
 
+# The keys `fit --resume NAME` may change, and what a change does. A resume trains the run's own config (kept in its
+# folder); these keys leave what is trained alone (data, model, loss, optimiser, schedule, batch, workers): they say
+# how long it trains, when it stops early, where it is stored, and how the machine feeds and records it. Any other
+# key on a resume's command line is refused before Ray starts.
+RESUME_SAFE_KEYS: dict[str, str] = {
+    "train.epochs": "train for more (or fewer) epochs",
+    "train.early_stopping.patience": "stop early after more or fewer epochs without improvement",
+    "train.early_stopping.min_delta": "what counts as an improvement for early stopping",
+    "data.loader_workers": "DataLoader processes: speed only",
+    "data.preflight": "how many files are read before the run continues",
+    "data.cache": "decoded images kept in memory or not: speed only",
+    "train.compile": "the compiled training step or eager: speed only",
+    "train.compile_mode": "torch.compile's mode: speed only",
+    "train.compile_backend": "torch.compile's backend",
+    "train.compile_cache": "where the compile caches are",
+    "optim.fused": "the optimizer's fused kernel or not: speed only",
+    "scaling.cpus_per_worker": "CPUs reserved per worker: speed only",
+    "scaling.wait_for_resources": "wait for an autoscaler instead of checking the cluster now",
+    "run.storage_path": "where to look for the run's folder (where it already is)",
+    "run.max_failures": "worker-group restarts after a failure",
+    "run.keep_checkpoints": "how many checkpoints stay",
+    "run.checkpoint_every": "how often a checkpoint is written",
+    "tracking.num_overlays": "validation images drawn with predictions at the end",
+    "tracking.log_checkpoint": "whether the best checkpoint goes to MLflow",
+}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -399,7 +426,8 @@ class RunSettings(Section):
                             "each of those keys not set explicitly; auto: cpu when the run will have no GPU and none "
                             "of those keys (the CPUs aside) nor data.root is set, else full. fit records what it "
                             "chose (cpu or full) in the config it trains, logs and checkpoints")
-    name: Optional[str] = Field(None, description="run name; default fit-<date>-<time>; reused only with --resume")
+    name: Optional[str] = Field(None, description="run name; default fit-<date>-<time>-<4 hex>; reserved when the run "
+                                                  "starts (its folder created), reused only with --resume")
     storage_path: str = Field("runs", description="checkpoints and Ray results: local folder, NFS path, s3:// or gs://; "
                                                   "keys in the URL are used, and written nowhere (shown as ***)")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure (-1 = unlimited)")
@@ -682,7 +710,8 @@ def describe_defaults() -> str:
                 shown = f"{default:g}"
             else:
                 shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"{prefix}{name} = {shown}    # {f.description or ''}")
+            on_resume = " [fit --resume may change it]" if f"{prefix}{name}" in RESUME_SAFE_KEYS else ""
+            lines.append(f"{prefix}{name} = {shown}    # {f.description or ''}{on_resume}")
 
     walk(Config, "")
     return "\n".join(lines)

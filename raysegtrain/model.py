@@ -299,12 +299,45 @@ def check_model_config(cfg: Config) -> None:
     source = weights_source(m.encoder_weights)
     if source == "hub":
         _hub_weights_argument(cfg)
+        check_hub_weights_at_hand(cfg)
     if source == "file":
         state = read_state_dict(m.encoder_weights)
     model = _skeleton(cfg)
     _check_forward(model, cfg)
     if source == "file":
         match_encoder_tensors(state, model.encoder.state_dict(), cfg.data.in_channels, m.encoder_weights, m.encoder)
+
+
+def check_hub_weights_at_hand(cfg: Config, timeout_s: float = 5.0) -> None:
+    """Pretrained weights named by the hub ('imagenet') must be in the local Hugging Face cache or the hub must
+    answer; else a ModelError now, before Ray starts, rather than in every worker after the cluster came up."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    m = cfg.model
+    if m.encoder.startswith("tu-"):
+        cfg_ = getattr(__import__("timm").models.get_pretrained_cfg(m.encoder[3:]), "hf_hub_id", None)
+        repo, revision = (cfg_.split("@")[0] if cfg_ else None), None
+        files = ("model.safetensors", "pytorch_model.bin")
+    else:
+        settings = smp.encoders.encoders[m.encoder]["pretrained_settings"].get(m.encoder_weights, {})
+        repo, revision, files = settings.get("repo_id"), settings.get("revision"), ("model.safetensors",)
+    if repo is None:  # weights from elsewhere than the hub: smp's own download reports a failure
+        return
+    if any(isinstance(try_to_load_from_cache(repo, f, cache_dir=constants.HF_HUB_CACHE, revision=revision), str)
+           for f in files):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{constants.ENDPOINT}/api/models/{repo}", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # the hub answered
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise ModelError(f"model.encoder_weights={m.encoder_weights!r} for {m.encoder}: not in the local cache "
+                         f"({constants.HF_HUB_CACHE}) and {constants.ENDPOINT} cannot be reached "
+                         f"({getattr(e, 'reason', e)}). Offline, copy the weights file here and set "
+                         f"model.encoder_weights=/path/to/encoder.pth, or use model.encoder_weights=null") from None
 
 
 def check_encoder_name(name: str) -> None:

@@ -31,6 +31,32 @@ def prestart_train_helpers() -> None:
         pass
 
 
+# ------------------------------------------------------------------------------ a local Ray on loopback only
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def local_ray_on_loopback() -> None:
+    """Make the next local `ray.init` (a one-node Ray that this process starts) listen on 127.0.0.1 only.
+
+    Why: on Linux a local Ray takes the host's outward address as its node IP, and its GCS, raylet, dashboard agent,
+    runtime-env agent and workers listen on it or on all interfaces: whoever reaches the host could join the cluster
+    and run code. `_node_ip_address="127.0.0.1"` does not help (ray.init turns a loopback address back into the
+    outward one). Ray's own single-machine mode, the one it uses on macOS and Windows, binds everything to loopback:
+    `ray._private.services.get_node_ip_address` returns 127.0.0.1 when `ray_constants.ENABLE_RAY_CLUSTER` is false,
+    which the environment variable RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 sets. The constant is read when Ray is
+    imported, so it is set here too; the variable is for the processes Ray starts. Relies on both (Ray 2.60); if
+    they move, Ray binds as it does by default (the socket test in tests/test_run_safety.py then fails)."""
+    import os
+
+    os.environ[LOOPBACK_ENV] = "0"
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    except Exception:
+        pass
+
+
 # -------------------------------------------------------------------------- Ray Train's SIGINT handler, taken over
 def take_over_sigint_handler(trainer, on_controller: Callable[[Any], None]) -> None:
     """Have TRAINER (a Ray Train V2 `DataParallelTrainer`, e.g. `TorchTrainer`) hand its controller's actor handle to

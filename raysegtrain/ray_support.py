@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import ResourceError
-from .ray_internal import prestart_train_helpers
+from .errors import ReportedError, ResourceError, one_line
+from .ray_internal import local_ray_on_loopback, prestart_train_helpers
 from .runtime import Stopwatch
 from .train_worker import train_loop_per_worker
 
@@ -22,11 +22,17 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train import ScalingConfig as RayScalingConfig
 from ray.train.torch import TorchTrainer
 
-__all__ = ["build_trainer", "init_ray", "prestart_train_helpers", "range_test_on_worker", "ray_scaling", "root_cause",
-           "storage_root"]
+class RayStartError(ReportedError):
+    """A local Ray that did not come up (not a mistake in the user's input: exit 1)."""
+
+
+__all__ = ["RayStartError", "build_trainer", "init_ray", "prestart_train_helpers", "range_test_on_worker",
+           "ray_scaling", "root_cause", "storage_root"]
 
 
 def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    """Join the Ray cluster at ADDRESS (or $RAY_ADDRESS), else start a local one that listens on loopback only (a
+    cluster keeps its own set-up). A Ray that cannot start is a one-line `RayStartError` naming its logs."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -34,8 +40,19 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
                                   logging_level="INFO" if verbose else "ERROR")
     if address:
         ray.init(address=address, **kwargs)
-    else:
+        return
+    local_ray_on_loopback()
+    try:
         ray.init(include_dashboard=verbose or None, **kwargs)
+    except Exception as e:  # e.g. Ray's "The current node timed out during startup", as a 20-line traceback
+        raise RayStartError(f"Ray could not start on this machine ({one_line(e)}); its logs are in "
+                            f"{ray_logs_folder()}") from None
+
+
+def ray_logs_folder() -> str:
+    """Where a local Ray started here writes its logs: <Ray's temp folder>/session_latest/logs."""
+    root = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"  # Ray's order, on Linux
+    return str(Path(root) / "ray" / "session_latest" / "logs")
 
 
 def storage_root(cfg: Config) -> str:

@@ -1,8 +1,10 @@
-"""The live status table of a study on stderr: one row per trial (parameters, epoch, latest and best value, state),
-printed at most every few seconds while trials report, and at once when one ends."""
+"""A study's output on stderr: the live status table, one row per trial (parameters, epoch, latest and best value,
+state), printed at most every few seconds while trials report, and at once when one ends; and one line per failed
+trial, whose traceback stays in its error file (Tune's own printing of it is turned off in tune.run_study)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -42,6 +44,17 @@ class StudyStatusTable(TrialProgressCallback):
         from .terminal import console
 
         console().print(status_table(self, trials))
+
+
+class FailedTrialLines(TrialProgressCallback):
+    """A Tune callback (in the driver): one line on stderr per failed trial, its reason and where the details are."""
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        super().on_trial_error(iteration, trials, trial, **info)
+        from .study_trials import trial_error
+
+        where = getattr(trial, "error_file", None) or getattr(trial, "path", None) or "its trial folder"
+        print(f"trial {trial.trial_id} failed: {trial_error(trial)} (details: {where})", file=sys.stderr, flush=True)
 
 
 def status_table(status: TrialProgressCallback, trials) -> Any:

@@ -69,7 +69,7 @@ def open_study_run(space: SearchSpace, space_path: str | Path, name: str, resume
                                             f"its trials are the nested runs below. This text becomes the study's "
                                             f"leaderboard when it ends.")
     else:
-        tracking.mark_running(c, parent)
+        tracking.reopen_run(c, parent)
     run = StudyRun(uri, parent, tracking.experiment_of(c, parent), experiment)
     tracking.set_experiment_tag(c, run.experiment_id, mlflow_links.shared_view_tag(parent),
                                 study_view.view_state_json(space, parent))
@@ -165,7 +165,7 @@ def finish_study_run(run: StudyRun, report: StudyReport, space: SearchSpace, tri
     tracking.log_metrics(c, run.run_id, metrics, step=0)
     tracking.set_description(c, run.run_id, study_view.dashboard(run_name(c, run.run_id), space, report.rows, runs,
                                                                  run.experiment_id, run.run_id))
-    tracking.end_run(run.uri, run.run_id, "FINISHED", tags)
+    tracking.end_run(run.uri, run.run_id, "FINISHED", {"state": "finished", **tags})
 
 
 def run_name(c, run_id: str) -> str:
@@ -226,7 +226,7 @@ class MLflowTrialLogger(TrialProgressCallback):
             st.run_id = (tracking.find_child_run(self.client, self.parent_run_id, TRIAL_TAG, trial.trial_id)
                          or self._open_child(trial, st))
         elif self.client:
-            tracking.mark_running(self.client, st.run_id)
+            tracking.reopen_run(self.client, st.run_id)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         st = self.progress(trial)

@@ -113,11 +113,36 @@ def import_in_background() -> threading.Thread:
     return thread
 
 
+_READY_STORES: set[str] = set()  # SQLite stores this process has seen created and migrated
+
+
 def client(uri: str):
-    """The client of the store at URI: the handle that the functions below taking `c` write through."""
+    """The client of the store at URI: the handle that the functions below taking `c` write through. A SQLite store
+    is created (or migrated) under a file lock the first time this process opens it: two runs started at once on a
+    fresh mlflow.db would otherwise both run MLflow's schema migration, and one dies in SQLAlchemy."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+        return MlflowClient(tracking_uri=uri)
+    with store_lock(Path(uri[len("sqlite:///"):])):
+        c = MlflowClient(tracking_uri=uri)
+        c.search_experiments(max_results=1)  # opens the store: creates the tables or migrates them
+    _READY_STORES.add(uri)
+    return c
+
+
+@contextmanager
+def store_lock(db: Path):
+    """An exclusive lock on DB's creation, held through a lock file beside it (`mlflow.db.lock`)."""
+    import fcntl
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_experiment(c, name: str) -> str:
@@ -126,7 +151,13 @@ def ensure_experiment(c, name: str) -> str:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=default_artifact_location(c.tracking_uri, name))
+    try:
+        return c.create_experiment(name, artifact_location=default_artifact_location(c.tracking_uri, name))
+    except Exception:  # another process created it since the lookup (two runs started at once)
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def experiment_id(uri: str, name: str) -> str | None:
@@ -222,14 +253,35 @@ def find_child_run(c, parent_run_id: str, tag: str, value: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def mark_running(c, run_id: str) -> None:
-    """Reopen a run that a resumed study or fit continues to log into."""
+# tags that describe how a run ended: a resumed run (running again) drops them, and a run that FINISHES drops an
+# error of an earlier attempt
+END_TAGS = ("error", "state", "stop_reason", "diverged", "resume_changes")
+STALE_WHEN_FINISHED = ("error",)
+
+
+def reopen_run(c, run_id: str, tags: dict[str, str] | None = None) -> None:
+    """Reopen a run that a resumed study or fit continues to log into: RUNNING again, without the tags of its
+    previous end (END_TAGS), with TAGS."""
     c.update_run(run_id, status="RUNNING")
+    drop_tags(c, run_id, END_TAGS)
+    for k, v in (tags or {}).items():
+        c.set_tag(run_id, k, v)
+
+
+def drop_tags(c, run_id: str, keys) -> None:
+    present = c.get_run(run_id).data.tags
+    for k in keys:
+        if k in present:
+            c.delete_tag(run_id, k)
 
 
 def end_run(uri: str, run_id: str, status: str, tags: dict[str, str] | None = None) -> None:
+    """Close the run with STATUS and TAGS; a FINISHED run loses the error tag of an earlier failed attempt."""
     c = client(uri)
-    for k, v in redacted_tags(tags or {}).items():
+    tags = tags or {}
+    if status == "FINISHED":
+        drop_tags(c, run_id, [k for k in STALE_WHEN_FINISHED if k not in tags])
+    for k, v in redacted_tags(tags).items():
         c.set_tag(run_id, k, v)
     c.set_terminated(run_id, status=status)
 

@@ -14,11 +14,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import preflight, presets, ray_internal, tracking
+from . import preflight, presets, ray_internal, resume as resuming, run_folder, run_health, tracking
 from .checkpoint import load_checkpoint
 from .config import Config
 from .errors import TrainingError, UserError, one_line
@@ -46,6 +45,8 @@ class FitResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     path: str | None = None
     degenerate: str | None = None  # why the best epoch's model is degenerate (metrics.degenerate_note), or None
+    resume_changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # keys a resume changed: (was, now)
+    warnings: list[str] = field(default_factory=list)  # e.g. a run that diverged without a non-finite loss
 
 
 def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, verbose: bool = False,
@@ -54,7 +55,9 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
 
     User mistakes raise `UserError` before any worker starts; a failure inside training raises `TrainingError`
     with its root cause on one line (the MLflow run is then marked FAILED); Ctrl-C or SIGTERM while it trains stops
-    the workers, keeps the checkpoints, marks the MLflow run KILLED and raises `interrupt.Interrupted`. HOOKS
+    the workers, keeps the checkpoints, marks the MLflow run KILLED and raises `interrupt.Interrupted`.
+    RESUME=NAME continues run NAME on the config it was started with (kept in its folder): CFG may differ from it only
+    in `config.RESUME_SAFE_KEYS` (else a ConfigError before Ray starts); those changes are printed and tagged. HOOKS
     (picklable `engine.Hook`s) run in every worker, before the reporting hook. ON_READY(cfg, name) is called once
     the inputs passed every check.
     DATASETS, a picklable (cfg) -> (train, val) callable, replaces the configured data source (benchmarks, custom
@@ -63,28 +66,37 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     t0 = float(os.environ.get("RAYSEGTRAIN_T0", time.time()))
     stages = Stopwatch(t0)  # the driver's part of the start-up: where a slow first step went
     stages("imports")  # the command's own start: interpreter, torch, Ray
-    cfg, name, console = prepare(cfg, resume, address, verbose, progress, console, custom_data=datasets is not None)
+    cfg, folder, changed, console = prepare(cfg, resume, address, verbose, progress, console,
+                                            custom_data=datasets is not None)
+    name = folder.name
     stages("checks")
     mlflow_loading = tracking.import_in_background() if cfg.tracking.enabled else None  # loads while Ray starts
-    scaling = start_ray(cfg, address, verbose)
-    stages("ray")
-    if on_ready is not None:
-        on_ready(cfg, name)
-    run = open_tracking(cfg, name, resume, mlflow_loading)
+    try:
+        scaling = start_ray(cfg, address, verbose)
+        stages("ray")
+        if on_ready is not None:
+            on_ready(cfg, name)
+        run = open_tracking(cfg, name, resume, mlflow_loading, changed)
+    except BaseException:
+        folder.release()  # nothing was trained: the name is free again
+        raise
     stages("tracking")
     if cfg.optim.lr == "auto":
         cfg = choose_lr(cfg, name, run, scaling, console, datasets)
     result = train(cfg, name, run, scaling, t0, stages, progress=progress, console=console, hooks=hooks,
                    datasets=datasets)
-    return finish(cfg, name, run, result)
+    fitted = finish(cfg, name, run, result)
+    fitted.resume_changes = changed
+    return fitted
 
 
 # ------------------------------------------------------------------------------------------------ fit's phases
 def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool, progress: str | None, console,
-            custom_data: bool) -> tuple[Config, str, Any]:
+            custom_data: bool) -> tuple[Config, run_folder.RunFolder, dict, Any]:
     """Everything the user gave, resolved and checked before anything starts: the preset (announced when someone
-    watches), absolute paths for the workers, data and model checks, the run name. Returns the config, the run name
-    and the console for the rest of the run."""
+    watches), absolute paths for the workers, the run folder (a new run's name reserved by creating it; on resume the
+    run's own config, changed only in safe keys), then the store, data and model checks. Returns the config, the
+    folder, the keys a resume changed ({key: (was, now)}) and the console for the rest of the run."""
     cfg, preset_note = presets.resolve(cfg, lambda: presets.probe(address, verbose), custom_data)
     generation = None
     if progress is not None:  # someone watches: the preset auto chose, the synthetic set being generated
@@ -92,13 +104,33 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
 
         console, generation = driver_output(preset_note, progress, console)
     cfg = with_absolute_paths(cfg)
-    if cfg.tracking.enabled:  # a store that cannot be used would fail the run after Ray and the data are ready
-        tracking.check_store(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
-    if custom_data:
-        preflight.check_augment(cfg), preflight.check_model(cfg)
-    else:
-        preflight.check_fit(cfg, generation)
-    return cfg, plan_run_name(cfg, resume), console
+    changed = {}
+    if resume:
+        folder = run_folder.existing(storage_root(cfg), resume)
+        if cfg.run.name is None:
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": resume})})
+        changed = resuming.checked_changes(resuming.run_config(folder), cfg)
+        if console is not None:
+            console.print(f"resuming run {resume} on the config it was started with; changed: "
+                          f"{resuming.describe(changed)}")
+    else:  # the name is this run's from here on: a second fit given it is refused at once
+        folder = run_folder.reserve(storage_root(cfg), cfg.run.name)
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": folder.name})})
+    try:
+        if cfg.tracking.enabled:  # a store that cannot be used would fail the run after Ray and the data are ready
+            tracking.check_store(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
+        if custom_data:
+            preflight.check_augment(cfg), preflight.check_model(cfg)
+        else:
+            preflight.check_fit(cfg, generation)
+        try:
+            folder.write_config(cfg)  # what a later --resume trains
+        except OSError as e:
+            raise UserError(f"cannot write into {folder.path} ({e.strerror or e})") from None
+    except BaseException:
+        folder.release()  # a mistake found here leaves nothing behind
+        raise
+    return cfg, folder, changed, console
 
 
 def start_ray(cfg: Config, address: str | None, verbose: bool) -> RayScalingConfig:
@@ -173,14 +205,20 @@ class TrackedRun:
             tracking.end_run(self.uri, self.run_id, status, tags)
 
 
-def open_tracking(cfg: Config, name: str, resume: str | None, mlflow_loading: threading.Thread | None) -> TrackedRun:
-    """The run's MLflow run: the one a resumed run already has, else a new one."""
+def open_tracking(cfg: Config, name: str, resume: str | None, mlflow_loading: threading.Thread | None,
+                  changed: dict | None = None) -> TrackedRun:
+    """The run's MLflow run: the one a resumed run already has, back to RUNNING without the tags of its previous end
+    and tagged with what the resume changed; else a new one."""
     if not cfg.tracking.enabled:
         return TrackedRun()
     mlflow_loading.join()
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     run_id = tracking.find_run(uri, cfg.tracking.experiment, name) if resume else None
-    run_id = run_id or tracking.start_run(cfg, name, uri=uri, tags={"storage_path": storage_root(cfg)})
+    if run_id:
+        tracking.reopen_run(tracking.client(uri), run_id,
+                            {"resume_changes": resuming.describe(changed)} if changed else {})
+    else:
+        run_id = tracking.start_run(cfg, name, uri=uri, tags={"storage_path": storage_root(cfg)})
     return TrackedRun(uri, run_id)
 
 
@@ -217,6 +255,7 @@ def finish(cfg: Config, name: str, run: TrackedRun, result: ray.train.Result) ->
     summary = result.return_value if isinstance(result.return_value, dict) else {}
     history = _history(result.checkpoint)
     best_path = best.path if best else None
+    diverged = run_health.divergence(cfg, history)
     if run.run_id:
         if best is not None:
             with best.as_directory() as local_best:
@@ -224,14 +263,15 @@ def finish(cfg: Config, name: str, run: TrackedRun, result: ray.train.Result) ->
         else:
             tracking.log_final_artifacts(run.uri, run.run_id, cfg, history, None)
         run.end("FINISHED", {"stop_reason": str(summary.get("stop_reason", "completed")),
-                             "best_checkpoint": str(best_path)})
+                             "best_checkpoint": str(best_path), **({"diverged": diverged} if diverged else {})})
     best_value = summary.get("best_value")
     if best_value is None and history:
         best_value = history[-1].get(f"best_{cfg.train.monitor}")
     return FitResult(run_name=name, monitor=cfg.train.monitor, best_value=best_value, best_checkpoint=best_path,
                      last_checkpoint=result.checkpoint.path if result.checkpoint else None, mlflow_run_id=run.run_id,
                      tracking_uri=run.uri, metrics=result.metrics or {}, history=history,
-                     path=getattr(result, "path", None), degenerate=degenerate_note(best_epoch_metrics(history)))
+                     path=getattr(result, "path", None), degenerate=degenerate_note(best_epoch_metrics(history)),
+                     warnings=[f"diverged: {diverged}"] if diverged else [])
 
 
 def best_epoch_metrics(history: list[dict]) -> dict:
@@ -269,33 +309,6 @@ def with_absolute_paths(cfg: Config) -> Config:
     return cfg.model_copy(update={"data": data, "model": model})
 
 
-def new_run_name() -> str:
-    return "fit-" + datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def run_exists(storage: str, name: str) -> bool:
-    if "://" in storage:
-        import pyarrow.fs
-
-        fs, base = pyarrow.fs.FileSystem.from_uri(storage)
-        return fs.get_file_info(f"{base}/{name}").type != pyarrow.fs.FileType.NotFound
-    return (Path(storage) / name).exists()
-
-
-def plan_run_name(cfg: Config, resume: str | None) -> str:
-    """A new run never reuses an old name (Ray would silently resume it); `--resume NAME` must name one that exists."""
-    storage = storage_root(cfg)
-    if resume:
-        if not run_exists(storage, resume):
-            raise UserError(f"no run named {resume!r} under {storage} to resume")
-        return resume
-    name = cfg.run.name or new_run_name()
-    if run_exists(storage, name):
-        raise UserError(f"a run named {name!r} already exists under {storage}: use --resume {name} to continue it, "
-                        f"or choose another run.name")
-    return name
-
-
 def abort_on_signal(trainer: TorchTrainer) -> StopOnSignal:
     """A context for `trainer.fit()`: the first Ctrl-C or SIGTERM aborts the run through its controller, which stops
     the workers and leaves the checkpoints written so far, after which fit() raises `Interrupted`; a second signal
@@ -313,8 +326,7 @@ def abort_on_signal(trainer: TorchTrainer) -> StopOnSignal:
 
 
 def _interrupted(signum: int, name: str, run: TrackedRun) -> Interrupted:
-    run.end("KILLED", {"stop_reason": f"interrupted ({signal_name(signum)}): resume with --resume {name} and the "
-                                      f"same config"})
+    run.end("KILLED", {"stop_reason": f"interrupted ({signal_name(signum)}): resume with --resume {name}"})
     return Interrupted(signum, name)
 
 

@@ -12,6 +12,7 @@ best config and Optuna's plots.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -38,7 +39,7 @@ from .search_space.keys import RAY_RESULT_KEY
 from .study_final import FinalTest, final_test
 from .study_repeat import collect, repeat_grid
 from .study_report import StudyReport, apply_repeats, write_report
-from .study_status import StudyStatusTable
+from .study_status import FailedTrialLines, StudyStatusTable
 from .study_trials import TrialProgressCallback
 from .study_tracking import (MLflowTrialLogger, StudyRun, close_interrupted_study, finish_study_run,
                              kept_trials, log_kept_checkpoints, open_study_run, prune_checkpoints)
@@ -147,6 +148,8 @@ def run_study(space_path: str | Path, overrides: list[str] = (), *, name: str | 
     check_study(space)
     place = study_place(space.base_config, study_name(space_path, name), resume)
     start_ray(space.base_config, address, verbose)
+    # a failed trial is one line (FailedTrialLines); Tune would print its whole traceback, which stays in its log
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     print(study_header(space, place.name), file=sys.stderr)
     study_run = open_study_run(space, space_path, place.name, resume)
     trial_runs = MLflowTrialLogger(space, place.name, study_run)
@@ -270,8 +273,10 @@ def study_header(space: SearchSpace, name: str) -> str:
 
 
 def study_callbacks(space: SearchSpace, name: str, trial_runs: MLflowTrialLogger, live: bool) -> list:
-    """Tune callbacks, run in the driver in this order: MLflow, the live status table (LIVE), placement groups."""
-    return [trial_runs, *([StudyStatusTable(space, name)] if live else []), ReleaseOrphanedPlacementGroups()]
+    """Tune callbacks, run in the driver in this order: MLflow, the live status table (LIVE), one line per failed
+    trial, placement groups."""
+    return [trial_runs, *([StudyStatusTable(space, name)] if live else []), FailedTrialLines(space, name),
+            ReleaseOrphanedPlacementGroups()]
 
 
 def make_tuner(space: SearchSpace, place: StudyPlace, resume: bool, hooks, callbacks: list) -> tune.Tuner:

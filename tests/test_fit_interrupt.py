@@ -106,7 +106,8 @@ def test_signal_during_fit_stops_workers_marks_run_killed_and_prints_resume_hint
     assert p.returncode == code, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     after = [ln for ln in rest.splitlines() if ln.strip()]
-    again = shlex.join(["raysegtrain", "fit", *overrides, "--resume", name])  # the config is needed to resume
+    # the run's folder keeps its config: the hint names only the run and where its folder is
+    again = shlex.join(["raysegtrain", "fit", "--resume", name, f"run.storage_path={tmp_path / 'runs'}"])
     assert [ln for ln in after if "interrupted" in ln] == [f"interrupted: continue with {again}"], stderr[-3000:]
     assert after[-1].startswith("interrupted: "), stderr[-3000:]  # after the epoch lines still in flight: nothing
     assert not [ln for ln in after if "error" in ln.lower() or "warning" in ln.lower()], stderr[-3000:]

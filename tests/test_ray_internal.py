@@ -171,3 +171,16 @@ def test_ray_still_counts_a_local_nodes_cpus_where_we_ask():
 
     count = ray_cpu_count()
     assert count is not None and 1 <= count <= os.cpu_count()
+
+
+def test_a_local_node_takes_the_loopback_address_when_ray_clusters_are_off():
+    """ray_internal.local_ray_on_loopback: the switch and the variable are where it sets them, and the node address
+    still comes from the switch (the socket test in test_run_safety.py checks the outcome)."""
+    from ray._private import ray_constants, services
+
+    from raysegtrain import ray_internal
+
+    assert ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR == ray_internal.LOOPBACK_ENV
+    assert isinstance(ray_constants.ENABLE_RAY_CLUSTER, bool)
+    source = inspect.getsource(services.get_node_ip_address)
+    assert "ray_constants.ENABLE_RAY_CLUSTER" in source and "get_localhost_ip()" in source

@@ -256,7 +256,7 @@ class FailFocalTrials:
             raise ValueError("simulated crash in a focal trial")
 
 
-def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, ray_local):
+def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, ray_local, capfd):
     from raysegtrain.hooks import Hook
 
     hook = type("FailFocal", (FailFocalTrials, Hook), {})()
@@ -270,6 +270,11 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, ray_local):
     assert len(rows) == 4 and failed and ok, [r["state"] for r in rows]
     assert all("simulated crash in a focal trial" in r["state"] for r in failed)
     assert all(r["param.loss.focal"] == 1.0 for r in failed)
+    # each failed trial is one line on stderr, naming where its details are; no traceback
+    err = capfd.readouterr().err
+    said = [ln for ln in err.splitlines() if " failed: " in ln]
+    assert len(said) == len(failed) and "Traceback" not in err, err[-3000:]
+    assert all("simulated crash in a focal trial" in ln and "(details: " in ln for ln in said), said
     c = tracking.client(result.tracking_uri)
     children = c.search_runs([c.get_run(result.parent_run_id).info.experiment_id],
                              filter_string=f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
@@ -278,7 +283,8 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(tmp_path, ray_local):
         by_status.setdefault(ch.info.status, []).append(ch)
     assert len(by_status["FAILED"]) == len(failed)
     assert all("simulated crash" in ch.data.tags["state"] for ch in by_status["FAILED"])
-    assert c.get_run(result.parent_run_id).info.status == "FINISHED"
+    study = c.get_run(result.parent_run_id)
+    assert study.info.status == "FINISHED" and study.data.tags["state"] == "finished"
 
 
 def test_placement_groups_of_dead_trial_controllers_are_released(ray_local):
