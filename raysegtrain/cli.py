@@ -262,6 +262,10 @@ def cmd_ui(args) -> int:
     import subprocess
     import time
 
+    base = mlflow_links.ui_base(host=args.host, port=args.port)
+    # read from the store before the server starts: a new store is created (under its lock) here, not by two
+    # processes at once
+    links = ui_links(uri, args.experiment, base)
     # its own process group: stopped as a whole below
     server = subprocess.Popen(cmd, start_new_session=True, env=tracking.ui_env())
 
@@ -276,9 +280,7 @@ def cmd_ui(args) -> int:
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    base = mlflow_links.ui_base(host=args.host, port=args.port)
     try:
-        links = ui_links(uri, args.experiment, base)  # read from the store while the server starts
         # the links are printed once the server answers: a link that does not open yet is no use
         while server.poll() is None and not tracking.ui_answers(base):
             time.sleep(0.25)

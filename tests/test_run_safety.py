@@ -156,9 +156,10 @@ def test_a_refused_checkpoint_says_why_and_never_suggests_unsafe_loading(tmp_pat
 
 def test_divergence_is_flagged_from_the_history(tiny_cfg):
     cfg = tiny_cfg()
-    sane = [{"epoch": 1, "val_loss": 0.9, "val_recall_class_1": 0.0}, {"epoch": 2, "val_loss": 0.6}]
+    recall = f"val_recall_{cfg.data.names()[1]}"  # the synthetic set's foreground class
+    sane = [{"epoch": 1, "val_loss": 0.9, recall: 0.0}, {"epoch": 2, "val_loss": 0.6}]
     assert run_health.divergence(cfg, sane) is None and run_health.divergence(cfg, []) is None
-    blown = sane + [{"epoch": 3, "val_loss": 9.9e12, "val_recall_class_1": 0.0}]
+    blown = sane + [{"epoch": 3, "val_loss": 9.9e12, recall: 0.0}]
     reason = run_health.divergence(cfg, blown)
     assert "val_loss 9.9e+12 at epoch 3" in reason and "background only" in reason
 

@@ -122,13 +122,14 @@ def test_ui_link_opens_the_study_in_a_real_mlflow_server(smoke_study, tmp_path):
                              smoke_study.tracking_uri], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        line = ""
+        line, seen = "", []
         while "/#/" not in line and proc.poll() is None:  # MLflow's own lines come first, then `runs: LINK`
             line = proc.stdout.readline()
+            seen.append(line)
         line = proc.stdout.readline()  # then `study NAME: LINK` (a server's access-log line may come between)
         while "HTTP/1.1" in line:
             line = proc.stdout.readline()
-        assert line.strip().startswith("study smoke: "), line
+        assert line.strip().startswith("study smoke: "), "".join(seen[-30:]) + line
         link = line.split(": ", 1)[1].strip()
         base = f"http://127.0.0.1:{port}"
         assert link.startswith(f"{base}/#/experiments/")
