@@ -395,14 +395,17 @@ class SegmentationTrainer:
         """The model's output for validation (under the caller's autocast and no_grad); compiled with `compile`."""
         return self.model(x)
 
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, step_schedule: bool = True) -> None:
+        """Clip, step (through the AMP scaler), clear the gradients and, unless told not to (an LR range test sets
+        the lr itself), step the schedule."""
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step_batch()
+        if step_schedule:
+            self.schedule.step_batch()
 
     def validate(self) -> dict[str, float]:
         """Loss and metrics on the validation split, all ranks together (validation.validate). With nothing built

@@ -135,12 +135,7 @@ def run_range_test(cfg: Config, device: str | None = None, datasets=None) -> Ran
                 group["lr"] = ramp[step] * ratio
             loss = trainer.training_step(x, y)
             trainer.scaler.scale(loss).backward()
-            if trainer.grad_clip:
-                trainer.scaler.unscale_(trainer.optimizer)
-                torch.nn.utils.clip_grad_norm_(trainer.module.parameters(), trainer.grad_clip)
-            trainer.scaler.step(trainer.optimizer)
-            trainer.scaler.update()
-            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.optimizer_step(step_schedule=False)
             value = float(loss.detach())
             lrs.append(ramp[step])
             losses.append(value)

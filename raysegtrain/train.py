@@ -147,9 +147,14 @@ def lr_find(cfg: Config, *, address: str | None = None, verbose: bool = False, c
     from .lr_finder import write_outputs
 
     if cfg.run.name is None:
-        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "lr-find-" + new_run_name()[4:]})})
-    cfg, name, console = prepare(cfg, None, address, verbose, None, console, custom_data=False)
-    scaling = start_ray(cfg, address, verbose)
+        cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": "lr-find-" + run_folder.new_run_name()[4:]})})
+    cfg, folder, _, console = prepare(cfg, None, address, verbose, None, console, custom_data=False)
+    name = folder.name
+    try:
+        scaling = start_ray(cfg, address, verbose)
+    except BaseException:
+        folder.release()
+        raise
     result = range_test_on_worker(cfg, scaling)
     files = write_outputs(result, _lr_find_folder(cfg, name))
     run_id = None
