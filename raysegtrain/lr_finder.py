@@ -110,8 +110,6 @@ def range_test_config(cfg: Config) -> Config:
 
 def run_range_test(cfg: Config, device: str | None = None, datasets=None) -> RangeTest:
     """The range test of CFG in this process (see the module's doc)."""
-    import torch
-
     from .engine import SegmentationTrainer
 
     f = cfg.optim.lr_finder

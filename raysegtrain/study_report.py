@@ -199,4 +199,33 @@ def optuna_plots(rows: list[dict], space: SearchSpace, out: Path) -> list[Path]:
             made.append(path)
         except Exception:  # e.g. importances need >= 2 finished trials with varying params
             continue
-    return made
+    interactive = interactive_plots(study, out / INTERACTIVE_PLOTS)
+    return made + ([interactive] if interactive else [])
+
+
+INTERACTIVE_PLOTS = "plots.html"
+
+
+def interactive_plots(study, path: Path) -> Path | None:
+    """The same plots as one interactive page (plotly; MLflow previews HTML artifacts): hover a point for its trial's
+    parameters. plotly's script is written in once, so the page opens without a network."""
+    try:
+        from optuna import visualization as vis
+    except ImportError:
+        return None
+    import warnings
+
+    parts = []
+    for fn in (vis.plot_optimization_history, vis.plot_param_importances, vis.plot_parallel_coordinate,
+               vis.plot_intermediate_values, vis.plot_slice):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fig = fn(study)
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=not parts))
+        except Exception:  # plotly missing, or a plot the study's trials cannot make
+            continue
+    if not parts:
+        return None
+    path.write_text("<html><head><meta charset='utf-8'></head><body>" + "\n".join(parts) + "</body></html>")
+    return path

@@ -115,4 +115,6 @@ def test_optuna_plots_name_config_keys_and_mark_pruned_trials(tmp_path):
     names = set().union(*(t.params for t in study.trials))
     assert {"optim.lr", "model.arch"} <= names and not any("/" in n for n in names)
     made = {p.name for p in optuna_plots(rows, space, tmp_path)}
-    assert {"optimization_history.png", "intermediate_values.png"} <= made
+    assert {"optimization_history.png", "intermediate_values.png", "plots.html"} <= made
+    page = (tmp_path / "plots.html").read_text()
+    assert page.count("plotly.js v") == 1 and "optim.lr" in page  # plotly inlined once; config-key names
