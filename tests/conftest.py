@@ -41,3 +41,19 @@ def ray_local():
         ray.init(num_cpus=4, num_gpus=0, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
+
+
+def interrupted_then_resumed(cfg, folder) -> None:
+    """Train CFG (2 epochs or more) into FOLDER as a run "interrupted" after its first epoch (a hook stops it once
+    that epoch's checkpoint is written), then resumed from that checkpoint to the end."""
+    from raysegtrain.checkpoint import load_checkpoint
+    from raysegtrain.engine import SegmentationTrainer, train_local
+    from raysegtrain.hooks import Hook, LocalCheckpointHook, StopTraining
+
+    class StopAfterOne(Hook):
+        def after_epoch(self, metrics):
+            raise StopTraining("simulated interruption")
+
+    SegmentationTrainer(cfg, [LocalCheckpointHook(folder), StopAfterOne()]).fit()  # checkpoint, stop
+    assert load_checkpoint(folder / "last")["epoch"] == 1
+    train_local(cfg, folder, resume=True)

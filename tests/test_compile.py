@@ -9,7 +9,9 @@ import torch
 from raysegtrain import compiling
 from raysegtrain.checkpoint import load_checkpoint
 from raysegtrain.engine import SegmentationTrainer, train_local
-from raysegtrain.hooks import Hook, LocalCheckpointHook, StopTraining
+from raysegtrain.hooks import Hook
+
+from .conftest import interrupted_then_resumed
 
 COMPILED = ("train.compile=on", "train.compile_backend=aot_eager")
 
@@ -84,14 +86,7 @@ def test_unfreezing_the_encoder_recompiles_and_trains_it(tiny_cfg, tmp_path):
 def test_compiled_resume_equals_the_straight_run(tiny_cfg, tmp_path):
     cfg = tiny_cfg("train.epochs=2", *COMPILED)
     train_local(cfg, tmp_path / "straight")
-
-    class StopAfterOne(Hook):
-        def after_epoch(self, metrics):
-            raise StopTraining("simulated interruption")
-
-    SegmentationTrainer(cfg, [LocalCheckpointHook(tmp_path / "split"), StopAfterOne()]).fit()  # checkpoint, stop
-    assert load_checkpoint(tmp_path / "split" / "last")["epoch"] == 1
-    train_local(cfg, tmp_path / "split", resume=True)
+    interrupted_then_resumed(cfg, tmp_path / "split")
     _assert_same_training(tmp_path / "straight", tmp_path / "split", rtol=1e-5, atol=1e-6)
 
 

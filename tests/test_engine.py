@@ -13,6 +13,8 @@ from raysegtrain.engine import SegmentationTrainer, train_local
 from raysegtrain.errors import TrainingError, UserError
 from raysegtrain.hooks import Hook, LocalCheckpointHook, StartupTimingHook, StopTraining
 
+from .conftest import interrupted_then_resumed
+
 
 class Record(Hook):
     def __init__(self):
@@ -56,15 +58,7 @@ def test_two_epochs_equal_one_plus_resume(tiny_cfg, tmp_path, workers):
     cfg = tiny_cfg("train.epochs=2", "schedule.name=cosine", "schedule.warmup_epochs=0.5",
                    f"data.loader_workers={workers}")
     train_local(cfg, tmp_path / "straight")
-    # "interrupted" after one epoch: a run whose config says 2 epochs, stopped by a hook after the first
-
-    class StopAfterOne(Hook):
-        def after_epoch(self, metrics):
-            raise StopTraining("simulated interruption")
-
-    SegmentationTrainer(cfg, [LocalCheckpointHook(tmp_path / "split"), StopAfterOne()]).fit()  # checkpoint, stop
-    assert load_checkpoint(tmp_path / "split" / "last")["epoch"] == 1
-    train_local(cfg, tmp_path / "split", resume=True)
+    interrupted_then_resumed(cfg, tmp_path / "split")  # a run whose config says 2 epochs, stopped after the first
 
     a = load_checkpoint(tmp_path / "straight" / "last")
     b = load_checkpoint(tmp_path / "split" / "last")
