@@ -141,10 +141,20 @@ class CompiledOrEager:
             raise  # not a compiler fault: eager would run out too
         except Exception as e:  # dynamo/inductor/triton raise many types; any of them means "run eager"
             self.compiled = None
-            first = (str(e).strip().splitlines() or [""])[0][:200]
-            self.failure = f"{type(e).__name__}: {first}"
+            self.failure = failure_reason(e)
             self.on_fallback(f"warning: compiling the {self.name} failed ({self.failure}); continuing eager")
             return body(self.fn)
+
+
+def failure_reason(e: BaseException) -> str:
+    """One line saying why compiling failed: torch's wrapper (e.g. BackendCompilerFailed) and the error inside it,
+    whose message the wrapper's first line leaves out."""
+    root = e
+    while getattr(root, "inner_exception", None) is not None or root.__cause__ is not None:
+        root = getattr(root, "inner_exception", None) or root.__cause__
+    first = (str(root).strip().splitlines() or [""])[0][:200]
+    inner = f"{type(root).__name__}: {first}"
+    return inner if root is e else f"{type(e).__name__}, {inner}"
 
 
 def _print_stderr(message: str) -> None:
