@@ -504,7 +504,7 @@ def test_study_submitted_through_the_jobs_api(cluster, tmp_path):
 
     # the study's MLflow runs are in the head's store (MLFLOW_TRACKING_URI of the head's environment)
     c = tracking.client(cluster.mlflow_uri)
-    exp = c.get_experiment_by_name("raysegtrain")
+    exp = c.get_experiment_by_name("raysegtrain/jobstudy")  # a study's own experiment
     parents = c.search_runs([exp.experiment_id], filter_string="tags.`raysegtrain.study` = 'jobstudy' and "
                                                                "tags.`raysegtrain.kind` = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED", parents
