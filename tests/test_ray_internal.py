@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import time
 
 import pytest
 
@@ -39,13 +40,25 @@ def test_ray_trains_autoscaling_coordinator_is_started_ahead(ray_local):
     except ValueError:
         old = None
     if old is not None:
-        ray.kill(old, no_restart=True)
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(old.__ray_ready__.remote())
-        with pytest.raises(ValueError):
-            ray.get_actor(**name)
+        ray.kill(old, no_restart=True)  # asynchronous: the name is free once the GCS has recorded the death
+        deadline = time.monotonic() + 60
+        while _named_actor_exists(name) and time.monotonic() < deadline:
+            time.sleep(0.2)  # polls the GCS for the state change; the deadline bounds it
+        assert not _named_actor_exists(name), "the killed coordinator still holds its name after 60 s"
     prestart_train_helpers()
-    assert ray.get(ray.get_actor(**name).__ray_ready__.remote()) is True
+    new = ray.get_actor(**name)
+    assert ray.get(new.__ray_ready__.remote()) is True
+    assert old is None or new._actor_id != old._actor_id  # made by the prestart, not the earlier one
+
+
+def _named_actor_exists(name: dict) -> bool:
+    import ray
+
+    try:
+        ray.get_actor(**name)
+    except ValueError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------ take_over_sigint_handler, abort_controller: Ctrl-C
