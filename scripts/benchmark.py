@@ -52,6 +52,7 @@ STARTUP_KEYS = ("first_step_s", "first_step_done_s", "startup_launch_s", "startu
                 "startup_first_batch_s", *(f"startup_driver_{k}_s" for k in ("imports", "checks", "ray", "tracking",
                                                                              "trainer")))
 ROOT = Path(__file__).resolve().parents[1]
+VAL_KEYS = ("val_loss", "val_fg_iou", "val_iou", "val_dice")
 COMPILE_KEYS = ("compile_s", "compile_graphs", "compile_cache_hits", "compile_cache_misses", "compiled")
 
 
@@ -307,7 +308,9 @@ def fit_throughput(overrides: list[str], sampler: GpuSampler | None, gpus: int =
             **{k: round(first[k], 2) for k in STARTUP_KEYS if k in first},
             **{k: round(v, 2) for k, v in first.items() if k.startswith("setup_")}, "wall_s": round(time.time() - t0, 1),
             **{k: round(sum(h.get(k, 0) for h in hist), 1) for k in COMPILE_KEYS if any(k in h for h in hist)},
-            "peak_gib": max((h.get("peak_gpu_gib", 0) for h in hist), default=None)}
+            "peak_gib": max((h.get("peak_gpu_gib", 0) for h in hist), default=None),
+            # the last epoch's validation numbers: a compiled fit must match an eager one within seed noise
+            **{k: round(hist[-1][k], 4) for k in VAL_KEYS if hist and k in hist[-1]}}
 
 
 def pipeline_throughput(overrides: list[str], workers: int, batches: int = 40) -> dict:
