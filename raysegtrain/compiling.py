@@ -39,7 +39,7 @@ def compile_decision(setting: str, device: torch.device, planned_images: int) ->
     if device.type != "cuda":
         return False, "auto: off on CPU"
     if planned_images < AUTO_MIN_IMAGES:
-        return False, f"auto: off, {planned_images} training images < {AUTO_MIN_IMAGES} repay the warm-up"
+        return False, f"auto: off, {planned_images} training images, compiling pays from {AUTO_MIN_IMAGES}"
     return True, f"auto: on, {planned_images} training images"
 
 
@@ -50,6 +50,19 @@ def cache_folder(setting: str) -> Path:
     from .data.synthetic import cache_dir
 
     return cache_dir() / "compile"
+
+
+def unwritable_reason(folder: Path) -> str | None:
+    """Why FOLDER cannot hold the compile caches on this machine, or None. A folder that does not exist yet is
+    judged by the nearest one above it that does (the run creates the rest)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def use_cache_folder(folder: Path) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config, SyntheticConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 
 FULL_SCAN_MAX_PAIRS = 2000  # train + val pairs up to which `data.preflight: auto` reads every file
@@ -47,6 +48,27 @@ def check_augment(cfg: Config) -> None:
         validate_augment(cfg.data.augment)
 
 
+def check_compile(cfg: Config) -> None:
+    """A compile backend torch does not have, or a compile cache folder this machine cannot write to, would only
+    show up in a worker, after the compile fell back to eager; both are config mistakes."""
+    t = cfg.train
+    if t.compile == "off":
+        return
+    if t.compile_backend != "inductor":  # inductor is always there; listing the others imports torch._dynamo
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if t.compile_backend not in known:
+            raise ConfigError(f"train.compile_backend {t.compile_backend!r} is not a torch.compile backend here "
+                              f"(one of: {', '.join(sorted(known))})")
+    if t.compile_cache != "auto":
+        from .compiling import unwritable_reason
+
+        reason = unwritable_reason(Path(t.compile_cache).expanduser())
+        if reason:
+            raise ConfigError(f"train.compile_cache {t.compile_cache!r}: {reason}; give a writable folder, or auto")
+
+
 def check_model(cfg: Config) -> None:
     from .model import check_model_config
 
@@ -58,6 +80,7 @@ def check_fit(cfg: Config, generation: Callable[[SyntheticConfig], Any] | None =
     the synthetic dataset, to generate the set if it is missing while showing its progress; the other checks come
     before it, so that their mistakes are reported without waiting for the generation."""
     check_augment(cfg)
+    check_compile(cfg)
     check_model(cfg)
     if generation is not None and (cfg.data.root is None or str(cfg.data.root) == ""):
         generation(cfg.data.synthetic)

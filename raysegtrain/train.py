@@ -120,7 +120,7 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
         if cfg.tracking.enabled:  # a store that cannot be used would fail the run after Ray and the data are ready
             tracking.check_store(tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))
         if custom_data:
-            preflight.check_augment(cfg), preflight.check_model(cfg)
+            preflight.check_augment(cfg), preflight.check_compile(cfg), preflight.check_model(cfg)
         else:
             preflight.check_fit(cfg, generation)
         try:

@@ -90,7 +90,7 @@ class ProgressHook(Hook):
             amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[t.amp_dtype]
             self._send(("start", f"{t.device} ({name}) x {t.world_size} worker(s), {amp}"
                                  f"{', channels_last' if t.channels_last else ''}"
-                                 f"{f', torch.compile ({t.compile_mode})' if t.compiled else ''}, "
+                                 f"{compile_words(t)}, "
                                  f"{t.loader_workers()} loader worker(s) per worker"))
 
     def notice(self, message: str) -> None:
@@ -153,3 +153,12 @@ def train_loop_per_worker(loop_config: dict) -> dict:
     trainer = SegmentationTrainer(cfg, hooks, device=device, wrap_model=ray.train.torch.prepare_model,
                                   resume_state=state, datasets=loop_config.get("datasets"))
     return trainer.fit()
+
+
+def compile_words(t) -> str:
+    """The start line's word on torch.compile: its mode when compiling; on a GPU, why `auto` chose eager."""
+    if t.compiled:
+        return f", torch.compile ({t.compile_mode})"
+    if t.device.type == "cuda" and t.compile == "auto" and t.compile_reason:
+        return f", eager (train.compile {t.compile_reason})"
+    return ""

@@ -232,6 +232,7 @@ def check_study(space: SearchSpace) -> None:
 
         tracking.check_store(tracking.resolve_tracking_uri(space.base_config.tracking.tracking_uri))
     preflight.check_augment(space.base_config)
+    preflight.check_compile(space.base_config)
     preflight.check_data(space.base_config)
     seen = set()
     for _, cfg in space.example_configs():

@@ -24,6 +24,18 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if fit gets as far as starting Ray."""
+
+    def start_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    from raysegtrain import train
+
+    monkeypatch.setattr(train, "start_ray", start_ray)
+
+
+@pytest.fixture
 def tiny_cfg():
     def make(*overrides: str, **kw):
         return config.load(None, [*TINY, *overrides])

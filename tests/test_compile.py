@@ -157,3 +157,39 @@ def test_ddp_compiled_fit_trains_what_eager_ddp_trains(tiny_cfg, tmp_path, ray_l
         if v.is_floating_point():
             torch.testing.assert_close(b["model"][k], v, rtol=1e-4, atol=1e-5, msg=k)
     assert compiled.history[-1]["val_iou"] == pytest.approx(eager.history[-1]["val_iou"], abs=1e-4)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.compile_backend=inducter", "train.compile_backend 'inducter' is not a torch.compile backend here"),
+    ("train.compile_cache={blocker}/cache", "is not a folder"),
+])
+def test_compile_mistakes_are_one_line_before_ray(setting, message, tmp_path, capsys, no_ray):
+    from raysegtrain.cli import main
+
+    from .conftest import TINY
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rc = main(["fit", *TINY, "train.compile=on", setting.format(blocker=blocker), "tracking.enabled=false",
+               "--no-progress"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert blocker.read_text() == "not a folder"
+    # off compiles nothing, so its settings are not checked
+    from raysegtrain import config, preflight
+
+    preflight.check_compile(config.load(None, ["train.compile=off", setting.format(blocker=blocker)]))
+
+
+def test_start_line_says_why_auto_left_a_gpu_run_eager():
+    from types import SimpleNamespace
+
+    from raysegtrain.train_worker import compile_words
+
+    on, reason = compiling.compile_decision("auto", torch.device("cuda"), 1000)
+    t = SimpleNamespace(compiled=on, device=torch.device("cuda"), compile="auto", compile_reason=reason,
+                        compile_mode="default")
+    assert compile_words(t) == f", eager (train.compile auto: off, 1000 training images, compiling pays from " \
+                               f"{compiling.AUTO_MIN_IMAGES})"
+    assert compile_words(SimpleNamespace(**{**vars(t), "device": torch.device("cpu")})) == ""  # CPU: no news
+    assert compile_words(SimpleNamespace(**{**vars(t), "compiled": True})) == ", torch.compile (default)"

@@ -8,21 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raysegtrain import preflight, train
+from raysegtrain import preflight
 from raysegtrain.cli import main
 from raysegtrain.errors import DataError
 
 from .conftest import TINY
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fails the test if fit gets as far as starting Ray."""
-
-    def start_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(train, "start_ray", start_ray)
 
 
 @pytest.mark.parametrize("how", ["config", "environment"])

@@ -23,16 +23,6 @@ from raysegtrain.train import fit
 from .conftest import TINY
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fails the test if fit gets as far as starting Ray."""
-
-    def start_ray(*args, **kwargs):
-        raise AssertionError("Ray was started")
-
-    monkeypatch.setattr(train, "start_ray", start_ray)
-
-
 def _one_error_line(capsys) -> str:
     err = [ln for ln in capsys.readouterr().err.strip().splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), err
