@@ -47,6 +47,30 @@ def check_augment(cfg: Config) -> None:
         validate_augment(cfg.data.augment)
 
 
+def train_images(cfg: Config) -> int:
+    """Images in the train split: the synthetic set's num_train, else the split's listed pairs."""
+    d = cfg.data
+    if d.root is None or str(d.root) == "":
+        return d.synthetic.num_train
+    from .data.splits import list_split
+
+    return len(list_split(d, d.train_split))
+
+
+def resolve_augment(cfg: Config) -> tuple[Config, str | None]:
+    """`data.augment: auto` as the preset it means for the train split's size (augment_presets.auto_preset), plus a
+    line for the user saying which and why; CFG as it is (and None) for any other value. The resolved config is what
+    fit writes into the run's folder, logs to MLflow (param data.augment) and checkpoints, like the other `auto`s."""
+    if cfg.data.augment != "auto":
+        return cfg, None
+    from .data.augment_presets import auto_preset, auto_reason
+
+    n = train_images(cfg)
+    chosen = auto_preset(n)
+    resolved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": chosen})})
+    return resolved, f"data.augment=auto: {chosen} ({auto_reason(n)})"
+
+
 def check_model(cfg: Config) -> None:
     from .model import check_model_config
 

@@ -95,7 +95,8 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
             custom_data: bool) -> tuple[Config, run_folder.RunFolder, dict, Any]:
     """Everything the user gave, resolved and checked before anything starts: the preset (announced when someone
     watches), absolute paths for the workers, the run folder (a new run's name reserved by creating it; on resume the
-    run's own config, changed only in safe keys), then the store, data and model checks. Returns the config, the
+    run's own config, changed only in safe keys), then the store, data and model checks, and `data.augment: auto`
+    resolved from the train split's size (said on the console). Returns the config, the
     folder, the keys a resume changed ({key: (was, now)}) and the console for the rest of the run."""
     cfg, preset_note = presets.resolve(cfg, lambda: presets.probe(address, verbose), custom_data)
     generation = None
@@ -123,6 +124,9 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
             preflight.check_augment(cfg), preflight.check_model(cfg)
         else:
             preflight.check_fit(cfg, generation)
+            cfg, augment_note = preflight.resolve_augment(cfg)  # data.augment: auto, from the train split's size
+            if augment_note:
+                say(console, augment_note)
         try:
             folder.write_config(cfg)  # what a later --resume trains
         except OSError as e:
