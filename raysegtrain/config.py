@@ -296,7 +296,8 @@ class LRFinderConfig(Section):
 class OptimConfig(Section):
     name: Literal["adam", "adamw", "sgd"] = Field("adamw", description="optimizer")
     lr: Union[float, Literal["auto"]] = Field(
-        3e-4, description="base learning rate (per worker; not scaled with workers); auto: an LR range test "
+        1e-3, description="base learning rate (per worker; not scaled with workers; the default suits training "
+                          "from scratch, docs/benchmarks.md 2026-12-04); auto: an LR range test "
                           "(optim.lr_finder) runs first and its suggestion (the lr at the smoothed loss's minimum / "
                           "10) is used and recorded (MLflow param lr_find.suggestion)")
     lr_finder: LRFinderConfig = Field(default_factory=LRFinderConfig)

@@ -57,18 +57,23 @@ def train_images(cfg: Config) -> int:
     return len(list_split(d, d.train_split))
 
 
-def resolve_augment(cfg: Config) -> tuple[Config, str | None]:
-    """`data.augment: auto` as the preset it means for the train split's size (augment_presets.auto_preset), plus a
-    line for the user saying which and why; CFG as it is (and None) for any other value. The resolved config is what
-    fit writes into the run's folder, logs to MLflow (param data.augment) and checkpoints, like the other `auto`s."""
+def resolve_augment(cfg: Config) -> Config:
+    """`data.augment: auto` as the preset it means for the train split's size (augment_presets.auto_preset); CFG as
+    it is for any other value. The resolved config is what fit writes into the run's folder, logs to MLflow (param
+    data.augment) and checkpoints, like the other `auto`s; `augment_note` is fit's line about it."""
     if cfg.data.augment != "auto":
-        return cfg, None
-    from .data.augment_presets import auto_preset, auto_reason
+        return cfg
+    from .data.augment_presets import auto_preset
 
-    n = train_images(cfg)
-    chosen = auto_preset(n)
-    resolved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": chosen})})
-    return resolved, f"data.augment=auto: {chosen} ({auto_reason(n)})"
+    chosen = auto_preset(train_images(cfg))
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": chosen})})
+
+
+def augment_note(resolved: Config) -> str:
+    """The line fit prints when `data.augment: auto` chose RESOLVED's preset: which, and why."""
+    from .data.augment_presets import auto_reason
+
+    return f"data.augment=auto: {resolved.data.augment} ({auto_reason(train_images(resolved))})"
 
 
 def check_model(cfg: Config) -> None:

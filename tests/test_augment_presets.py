@@ -100,8 +100,9 @@ def test_auto_is_the_default_and_means_light_below_64_training_images():
     assert auto_reason(28) == "28 training images, fewer than 64" and auto_reason(64).endswith("at least 64")
 
 
-def test_fit_resolves_auto_from_the_train_split_writes_it_into_the_run_and_says_so(tiny_cfg, tmp_path, capsys):
+def test_fit_resolves_auto_from_the_train_split_and_writes_the_preset_into_the_run(tiny_cfg, tmp_path):
     from raysegtrain import train
+    from raysegtrain.preflight import augment_note
 
     def prepared(name: str, *overrides: str):
         cfg = tiny_cfg(f"run.storage_path={tmp_path}", f"run.name={name}", "tracking.enabled=false", *overrides)
@@ -110,19 +111,19 @@ def test_fit_resolves_auto_from_the_train_split_writes_it_into_the_run_and_says_
     small, folder, _, _ = prepared("small")  # the tiny synthetic set: 12 training images
     assert small.data.augment == "light" and small.flat()["data.augment"] == "light"  # what MLflow's params get
     assert folder.read_config().data.augment == "light"  # what a resume trains
-    assert "data.augment=auto: light (12 training images, fewer than 64)" in capsys.readouterr().err
+    assert augment_note(small) == "data.augment=auto: light (12 training images, fewer than 64)"
     large, _, _, _ = prepared("large", "data.synthetic.num_train=64", "data.synthetic.size=32", "data.image_size=32")
     assert large.data.augment == "default"
-    assert "data.augment=auto: default (64 training images, at least 64)" in capsys.readouterr().err
+    assert augment_note(large) == "data.augment=auto: default (64 training images, at least 64)"
     chosen, _, _, _ = prepared("chosen", "data.augment=strong")
-    assert chosen.data.augment == "strong" and "data.augment=auto" not in capsys.readouterr().err
+    assert chosen.data.augment == "strong"
 
 
 def test_a_folder_set_counts_its_train_split_and_datasets_resolve_auto_themselves(tmp_path):
     """fit resolves auto before training; a study's trials (and any other caller) get the same rule when their
     training set is built."""
     from raysegtrain.data.dataset import build_dataset
-    from raysegtrain.preflight import resolve_augment
+    from raysegtrain.preflight import augment_note, resolve_augment
 
     rng = np.random.default_rng(0)
     for split, n in (("train", 5), ("val", 2)):
@@ -132,9 +133,9 @@ def test_a_folder_set_counts_its_train_split_and_datasets_resolve_auto_themselve
             cv2.imwrite(str(tmp_path / "images" / split / f"{i}.png"), rng.integers(0, 256, (32, 32, 3), np.uint8))
             cv2.imwrite(str(tmp_path / "masks" / split / f"{i}.png"), (rng.random((32, 32)) < 0.3).astype(np.uint8))
     cfg = config.load(None, [f"data.root={tmp_path}", "data.image_size=32"])
-    resolved, note = resolve_augment(cfg)
-    assert resolved.data.augment == "light" and note == "data.augment=auto: light (5 training images, fewer than 64)"
-    assert resolve_augment(resolved) == (resolved, None)
+    resolved = resolve_augment(cfg)
+    assert resolved.data.augment == "light" and augment_note(resolved).endswith("(5 training images, fewer than 64)")
+    assert resolve_augment(resolved) is resolved
     for split in ("train", "val"):  # the val split augments nothing, but a train transform built on it counts train
         names = _flat_names(build_dataset(cfg.data, split, train=True).transform.transforms)
         assert "HorizontalFlip" in names and "Affine" not in names, names
