@@ -66,7 +66,7 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     t0 = float(os.environ.get("RAYSEGTRAIN_T0", time.time()))
     stages = Stopwatch(t0)  # the driver's part of the start-up: where a slow first step went
     stages("imports")  # the command's own start: interpreter, torch, Ray
-    augment_auto = cfg.data.augment == "auto" and datasets is None  # said after the start line
+    augment_auto = cfg.data.augment == "auto" and datasets is None and not resume  # said after the start line
     cfg, folder, changed, console = prepare(cfg, resume, address, verbose, progress, console,
                                             custom_data=datasets is not None)
     name = folder.name
@@ -113,7 +113,10 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
         folder = run_folder.existing(storage_root(cfg), resume)
         if cfg.run.name is None:
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": resume})})
-        changed = resuming.checked_changes(resuming.run_config(folder), cfg)
+        saved = resuming.run_config(folder)
+        if cfg.data.augment == "auto":  # the run resolved it when it started (preflight.resolve_augment): its choice
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": saved.data.augment})})
+        changed = resuming.checked_changes(saved, cfg)
         if console is not None:
             console.print(f"resuming run {resume} on the config it was started with; changed: "
                           f"{resuming.describe(changed)}")

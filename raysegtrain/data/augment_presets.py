@@ -19,8 +19,8 @@ import cv2
 
 PRESET_NAMES = ("none", "light", "default", "strong")
 # `data.augment: auto` (the default): `light` for a train split of fewer than this many images, `default` from it on.
-# Issue 16's measurements: flips-only beat `default` on a 28-tile nuclei set and on stardist's nuclei image cut in 28
-# tiles (docs/benchmarks.md), while `default` beat flips-only on a 104-tile aerial set.
+# Issue 16's measurements: flips-only beat `default` on a 28-tile nuclei set (and tied with it on stardist's nuclei
+# image cut in 28 tiles, docs/benchmarks.md 2026-12-04), while `default` did better on a 104-tile aerial set.
 AUTO_LIGHT_BELOW = 64
 REFLECT = int(cv2.BORDER_REFLECT_101)  # rotations and shifts reflect the border: no unlabeled pixels invented
 
