@@ -133,12 +133,14 @@ class DataConfig(Section):
         "imagenet", description="imagenet statistics, the dataset's own (computed on train), or none (0..1)")
     mean: Optional[list[float]] = Field(None, description="explicit per-channel mean (0..1 scale); overrides normalize")
     std: Optional[list[float]] = Field(None, description="explicit per-channel std (0..1 scale); overrides normalize")
-    augment: Union[Literal["none", "light", "default", "strong"], list[dict[str, Any]]] = Field(
-        "default", description="a preset or a list of Albumentations transforms ([{name: HorizontalFlip, p: 0.5}, "
-                               "...]). none; light: flips and 90-degree turns only (small datasets); default: "
-                               "light + mild affine, brightness/contrast/hue and noise/blur; strong: larger affine "
-                               "with shear, elastic/grid distortion, stronger photometry, gamma, noise/blur. "
-                               "docs/augmentation.md lists each preset transform by transform")
+    augment: Union[Literal["auto", "none", "light", "default", "strong"], list[dict[str, Any]]] = Field(
+        "auto", description="a preset or a list of Albumentations transforms ([{name: HorizontalFlip, p: 0.5}, "
+                            "...]). none; light: flips and 90-degree turns only (small datasets); default: "
+                            "light + mild affine, brightness/contrast/hue and noise/blur; strong: larger affine "
+                            "with shear, elastic/grid distortion, stronger photometry, gamma, noise/blur; auto: "
+                            "light when the train split has fewer than 64 images, else default (fit resolves it "
+                            "before training, says which, and records the preset in the config it trains, logs "
+                            "and checkpoints). docs/augmentation.md lists each preset transform by transform")
     augment_p: float = Field(0.8, ge=0.0, le=1.0, description="probability that the augmentation pipeline is applied")
     class_weights: Union[Literal["none", "auto"], list[float]] = Field(
         "none", description="per-class loss weights: none, auto (inverse sqrt frequency from train masks) or a list")
@@ -294,7 +296,8 @@ class LRFinderConfig(Section):
 class OptimConfig(Section):
     name: Literal["adam", "adamw", "sgd"] = Field("adamw", description="optimizer")
     lr: Union[float, Literal["auto"]] = Field(
-        3e-4, description="base learning rate (per worker; not scaled with workers); auto: an LR range test "
+        1e-3, description="base learning rate (per worker; not scaled with workers; the default suits training "
+                          "from scratch, docs/benchmarks.md 2026-12-04); auto: an LR range test "
                           "(optim.lr_finder) runs first and its suggestion (the lr at the smoothed loss's minimum / "
                           "10) is used and recorded (MLflow param lr_find.suggestion)")
     lr_finder: LRFinderConfig = Field(default_factory=LRFinderConfig)

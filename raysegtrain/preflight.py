@@ -69,6 +69,35 @@ def check_compile(cfg: Config) -> None:
             raise ConfigError(f"train.compile_cache {t.compile_cache!r}: {reason}; give a writable folder, or auto")
 
 
+def train_images(cfg: Config) -> int:
+    """Images in the train split: the synthetic set's num_train, else the split's listed pairs."""
+    d = cfg.data
+    if d.root is None or str(d.root) == "":
+        return d.synthetic.num_train
+    from .data.splits import list_split
+
+    return len(list_split(d, d.train_split))
+
+
+def resolve_augment(cfg: Config) -> Config:
+    """`data.augment: auto` as the preset it means for the train split's size (augment_presets.auto_preset); CFG as
+    it is for any other value. The resolved config is what fit writes into the run's folder, logs to MLflow (param
+    data.augment) and checkpoints, like the other `auto`s; `augment_note` is fit's line about it."""
+    if cfg.data.augment != "auto":
+        return cfg
+    from .data.augment_presets import auto_preset
+
+    chosen = auto_preset(train_images(cfg))
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": chosen})})
+
+
+def augment_note(resolved: Config) -> str:
+    """The line fit prints when `data.augment: auto` chose RESOLVED's preset: which, and why."""
+    from .data.augment_presets import auto_reason
+
+    return f"data.augment=auto: {resolved.data.augment} ({auto_reason(train_images(resolved))})"
+
+
 def check_model(cfg: Config) -> None:
     from .model import check_model_config
 

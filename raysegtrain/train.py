@@ -66,6 +66,7 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
     t0 = float(os.environ.get("RAYSEGTRAIN_T0", time.time()))
     stages = Stopwatch(t0)  # the driver's part of the start-up: where a slow first step went
     stages("imports")  # the command's own start: interpreter, torch, Ray
+    augment_auto = cfg.data.augment == "auto" and datasets is None and not resume  # said after the start line
     cfg, folder, changed, console = prepare(cfg, resume, address, verbose, progress, console,
                                             custom_data=datasets is not None)
     name = folder.name
@@ -76,6 +77,8 @@ def fit(cfg: Config, *, resume: str | None = None, address: str | None = None, v
         stages("ray")
         if on_ready is not None:
             on_ready(cfg, name)
+        if augment_auto:
+            say(console, preflight.augment_note(cfg))
         run = open_tracking(cfg, name, resume, mlflow_loading, changed)
     except BaseException:
         folder.release()  # nothing was trained: the name is free again
@@ -95,7 +98,8 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
             custom_data: bool) -> tuple[Config, run_folder.RunFolder, dict, Any]:
     """Everything the user gave, resolved and checked before anything starts: the preset (announced when someone
     watches), absolute paths for the workers, the run folder (a new run's name reserved by creating it; on resume the
-    run's own config, changed only in safe keys), then the store, data and model checks. Returns the config, the
+    run's own config, changed only in safe keys), then the store, data and model checks, and `data.augment: auto`
+    resolved from the train split's size (fit says which once Ray has started). Returns the config, the
     folder, the keys a resume changed ({key: (was, now)}) and the console for the rest of the run."""
     cfg, preset_note = presets.resolve(cfg, lambda: presets.probe(address, verbose), custom_data)
     generation = None
@@ -109,7 +113,10 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
         folder = run_folder.existing(storage_root(cfg), resume)
         if cfg.run.name is None:
             cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"name": resume})})
-        changed = resuming.checked_changes(resuming.run_config(folder), cfg)
+        saved = resuming.run_config(folder)
+        if cfg.data.augment == "auto":  # the run resolved it when it started (preflight.resolve_augment): its choice
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"augment": saved.data.augment})})
+        changed = resuming.checked_changes(saved, cfg)
         if console is not None:
             console.print(f"resuming run {resume} on the config it was started with; changed: "
                           f"{resuming.describe(changed)}")
@@ -123,6 +130,7 @@ def prepare(cfg: Config, resume: str | None, address: str | None, verbose: bool,
             preflight.check_augment(cfg), preflight.check_compile(cfg), preflight.check_model(cfg)
         else:
             preflight.check_fit(cfg, generation)
+            cfg = preflight.resolve_augment(cfg)  # data.augment: auto, from the train split's size
         try:
             folder.write_config(cfg)  # what a later --resume trains
         except OSError as e:

@@ -449,6 +449,7 @@ def main() -> int:
     common = [f"data.synthetic.size={size}", f"data.image_size={size}", f"data.synthetic.num_train={num_train}",
               f"data.synthetic.num_val={args.val}", "data.synthetic.num_test=0", f"train.batch_size={args.batch}",
               f"train.epochs={args.epochs}", "train.early_stopping.patience=null", "tracking.enabled=false",
+              "data.augment=default",  # the pipeline the rows measure, whatever auto would choose for num_train
               "train.compile=off",
               f"scaling.use_gpu={str(not args.cpu).lower()}", "tracking.num_overlays=0"]
     rows = []

@@ -45,7 +45,7 @@ def test_synth_refuses_to_overwrite(tmp_path):
 
 def test_config_defaults_and_resolved(tmp_path, capsys):
     assert main(["config", "--defaults"]) == 0
-    assert "optim.lr = 0.0003" in capsys.readouterr().out
+    assert "optim.lr = 0.001" in capsys.readouterr().out
     assert main(["config", "model.arch=fpn"]) == 0
     assert "arch: fpn" in capsys.readouterr().out
     assert main(["config", "model.arch=nope"]) == 2

@@ -90,7 +90,7 @@ def test_every_default_is_documented():
     for line in text.splitlines():
         key, _, comment = line.partition("#")
         assert comment.strip(), f"undocumented: {key}"
-    assert "optim.lr = 0.0003" in text
+    assert "optim.lr = 0.001" in text
 
 
 def test_yaml_booleans_read_as_the_words_they_were(tmp_path):

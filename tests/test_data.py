@@ -358,7 +358,8 @@ def multiclass_sample(h=48, w=64, dtype=np.float32):
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 @pytest.mark.parametrize("policy", ["resize", "pad_crop", "pad"])
 def test_default_augmentation_keeps_mask_values_and_shapes(policy, dtype):
-    cfg = DataConfig(root=".", num_classes=4, ignore_index=255, image_size=32, resize_policy=policy, augment_p=1.0)
+    cfg = DataConfig(root=".", num_classes=4, ignore_index=255, image_size=32, resize_policy=policy, augment="default",
+                     augment_p=1.0)
     transform = build_train_transform(cfg)
     image, mask = multiclass_sample(dtype=dtype)
     mask = mask.astype(np.uint8)  # as the dataset sends it: the class set and 255 fit in uint8
@@ -383,7 +384,7 @@ def test_default_augmentation_means_the_same_on_uint8_and_float():
     into a few levels on some saturated pixels; on average the two stay within a level."""
     import albumentations as A
 
-    cfg = DataConfig(root=".", num_classes=4, ignore_index=255, image_size=32, augment_p=1.0)
+    cfg = DataConfig(root=".", num_classes=4, ignore_index=255, image_size=32, augment="default", augment_p=1.0)
     image8, mask = multiclass_sample(dtype=np.uint8)
     image, mask = image8.astype(np.float32) / 255, mask.astype(np.uint8)
     singles = [t for step in preset_augment(cfg, "default") for t in (step.transforms if isinstance(step, A.OneOf) else [step])]
@@ -433,7 +434,7 @@ def test_pad_crop_evaluation_keeps_every_pixel():
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_gray_default_pipeline(dtype):
-    cfg = DataConfig(root=".", in_channels=1, image_size=32, augment_p=1.0)
+    cfg = DataConfig(root=".", in_channels=1, image_size=32, augment="default", augment_p=1.0)
     transform = build_train_transform(cfg)
     image = np.random.default_rng(0).random((40, 40, 1), dtype=np.float32)
     image = (image * 255).astype(np.uint8) if dtype == np.uint8 else image
@@ -521,7 +522,7 @@ def test_mask_dtype_follows_the_class_set(tmp_path):
     labels[:4] = 65535
     write_gray(tmp_path / "masks" / "a.png", labels)
     cfg = DataConfig(root=tmp_path, num_classes=4, ignore_index=65535, image_size=32, resize_policy="pad",
-                     mask_format="index", augment_p=1.0)
+                     mask_format="index", augment="default", augment_p=1.0)
     assert torch.equal(build_dataset(cfg, "train", train=False)[0]["mask"], torch.from_numpy(labels.astype(np.int32)))
     augmented = build_dataset(cfg, "train", train=True)
     for seed in range(10):
@@ -531,7 +532,7 @@ def test_mask_dtype_follows_the_class_set(tmp_path):
 
 def test_loader_batches_are_uint8_and_mixed_depths_come_out_normalised(tmp_path):
     make_split_files_set(tmp_path, {"train": ["a", "b", "c", "d"], "val": ["e"]}, hw=(32, 32))
-    cfg = DataConfig(root=tmp_path, image_size=32, augment_p=1.0)
+    cfg = DataConfig(root=tmp_path, image_size=32, augment="default", augment_p=1.0)
     dataset = build_dataset(cfg, "train", train=True)
     for workers in (0, 2):
         loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers,
@@ -555,7 +556,8 @@ def test_loader_batches_are_uint8_and_mixed_depths_come_out_normalised(tmp_path)
 
 def test_augmentations_differ_across_loader_workers_and_epochs(tmp_path):
     make_split_files_set(tmp_path, {"train": ["a", "b", "c", "d"], "val": ["e"]}, hw=(32, 32))
-    dataset = build_dataset(DataConfig(root=tmp_path, image_size=32, augment_p=1.0), "train", train=True)
+    dataset = build_dataset(DataConfig(root=tmp_path, image_size=32, augment="default", augment_p=1.0), "train",
+                            train=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2,
                                          multiprocessing_context=multiprocessing.get_context("fork"))
     first, second = (torch.cat([b["image"] for b in loader]) for _ in range(2))

@@ -26,9 +26,11 @@ def _cfg(tiny_cfg, tmp_path, *extra):
                     f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra)
 
 
-def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tiny_cfg, tmp_path, ray_local):
+def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tiny_cfg, tmp_path, ray_local, capsys):
     cfg = _cfg(tiny_cfg, tmp_path, "run.name=two")
     result = fit(cfg)
+    # data.augment: auto, said and recorded as the preset it chose for the tiny set's 12 training images
+    assert "data.augment=auto: light (12 training images, fewer than 64)" in capsys.readouterr().err
     assert result.run_name == "two" and result.best_checkpoint and result.mlflow_run_id
     assert [h["epoch"] for h in result.history] == [1, 2]
     # the first epoch says where the start-up went; the parts add up to the whole
@@ -46,6 +48,7 @@ def test_fit_two_workers_tracks_everything_and_ddp_val_equals_single_process(tin
     run = c.get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.encoder"] == "resnet18" and run.data.params["scaling.num_workers"] == "2"
+    assert run.data.params["data.augment"] == "light"
     assert run.data.tags["architecture"] == "unet" and "torch_version" in run.data.tags
     iou = c.get_metric_history(result.mlflow_run_id, "val_iou")
     assert sorted(m.step for m in iou) == [1, 2]

@@ -163,5 +163,6 @@ def test_fit_without_size_keys_on_cpu_checks_and_hands_on_the_cpu_preset(tmp_pat
     assert lines[0].startswith("no GPU, so the CPU preset: unet/resnet18, 128², 12 epochs, 96 training images")
     assert lines[1].startswith(f"generating the synthetic dataset (144 images, 128²) into {tmp_path / 'cache'}")
     assert len(lines) == 2, lines
+    assert resolved.data.augment == "default"  # auto, resolved for the preset's 96 training images
     assert synthetic.cache_path(resolved.data.synthetic).is_dir()
     assert not (tmp_path / "mlflow.db").exists()  # nothing was tracked: on_ready stopped it first

@@ -227,6 +227,8 @@ def test_resume_trains_the_runs_own_config_and_records_what_changed(tiny_cfg, tm
     trained = state["config"]
     assert state["epoch"] == 2 and trained["model"]["encoder"] == "resnet18"
     assert trained["data"]["synthetic"]["num_train"] == 8 and trained["data"]["image_size"] == 64
+    # data.augment: auto was resolved when the run started (8 training images: light); the resume trains that
+    assert trained["data"]["augment"] == "light" and "data.augment=auto" not in err
     assert run_folder.RunFolder(str(storage), "own").read_config().train.epochs == 2  # a later resume goes on
 
 

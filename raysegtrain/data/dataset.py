@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 from ..config import DataConfig
 from ..errors import DataError
 from .io import read_mask, read_pixels
-from .splits import Pair, list_split, resolve_root
+from .augment_presets import auto_preset
+from .splits import Pair, list_split, resolve_root, split_name
 from .statistics import Normalizer, mean_std
 
 
@@ -133,6 +134,10 @@ def build_dataset(cfg: DataConfig, split: str, train: bool, root: Path | None = 
     from .transforms import build_eval_transform, build_train_transform  # Albumentations is slow to import: only here
 
     root = root or resolve_root(cfg)
+    pairs = list_split(cfg, split, root)
+    if train and cfg.augment == "auto":  # fit resolves it before training (and records it); a study's trials here
+        train_pairs = pairs if split_name(cfg, split) == cfg.train_split else list_split(cfg, "train", root)
+        cfg = cfg.model_copy(update={"augment": auto_preset(len(train_pairs))})
     transform = (build_train_transform if train else build_eval_transform)(cfg)
-    return SegmentationDataset(list_split(cfg, split, root), cfg, transform, cache=cfg.cache == "memory",
+    return SegmentationDataset(pairs, cfg, transform, cache=cfg.cache == "memory",
                                normalizer=Normalizer(*mean_std(cfg, root)))

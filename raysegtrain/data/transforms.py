@@ -87,9 +87,13 @@ def _eval_size_steps(cfg: DataConfig) -> list:
 # --------------------------------------------------------------------------------------------------- augmentation
 def build_augment(cfg: DataConfig) -> A.Compose | None:
     """The augmentation block (applied with probability augment_p), or None for augment: none. A preset name
-    (augment_presets.PRESET_NAMES) is its list form built like a user's list."""
+    (augment_presets.PRESET_NAMES) is its list form built like a user's list; `auto` must have been resolved to one
+    (build_dataset does, from the train split's size)."""
     if cfg.augment_p == 0:
         return None
+    if cfg.augment == "auto":
+        raise ValueError("data.augment=auto is resolved from the train split's size before the transforms are built "
+                         "(augment_presets.auto_preset)")
     steps = preset_augment(cfg, cfg.augment) if isinstance(cfg.augment, str) else build_augment_list(
         cfg.augment, cfg.in_channels)
     return A.Compose(steps, p=cfg.augment_p) if steps else None
@@ -109,10 +113,10 @@ def _output_is_square(cfg: DataConfig) -> bool:
 def validate_augment(spec: Any, in_channels: int = 3, size_hw: tuple[int, int] = (256, 256)) -> None:
     """Raise ConfigError (naming list index and transform) unless `data.augment` builds, and each listed transform
     runs once on a random image of in_channels x size_hw (pass cfg.in_channels and cfg.size_hw)."""
-    if isinstance(spec, str) and spec in PRESET_NAMES:
+    if isinstance(spec, str) and (spec in PRESET_NAMES or spec == "auto"):
         return
     if not isinstance(spec, list):
-        raise ConfigError(f"data.augment must be one of {', '.join(PRESET_NAMES)} or a list of transforms "
+        raise ConfigError(f"data.augment must be one of auto, {', '.join(PRESET_NAMES)} or a list of transforms "
                           f"(got {spec!r})")
     build_augment_list(spec, in_channels, dry_run_hw=tuple(size_hw))
 
