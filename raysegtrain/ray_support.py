@@ -42,11 +42,37 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         ray.init(address=address, **kwargs)
         return
     local_ray_on_loopback()
+    dead = dead_recorded_cluster()
+    if dead:  # ray.init() would join it and retry for minutes: start this run's own Ray instead
+        import sys
+
+        print(f"note: the Ray cluster that `ray start` recorded on this machine ({dead}) does not answer; starting a "
+              f"local Ray for this run", file=sys.stderr, flush=True)
     try:
-        ray.init(include_dashboard=verbose or None, **kwargs)
+        ray.init(address="local" if dead else None, include_dashboard=verbose or None, **kwargs)
     except Exception as e:  # e.g. Ray's "The current node timed out during startup", as a 20-line traceback
         raise RayStartError(f"Ray could not start on this machine ({one_line(e)}); its logs are in "
                             f"{ray_logs_folder()}") from None
+
+
+def dead_recorded_cluster() -> str | None:
+    """The address a `ray start` on this machine recorded (Ray's ray_current_cluster file, which a plain ray.init
+    joins) when nothing listens there any more, e.g. after the head was killed; None when there is none or it
+    answers."""
+    import socket
+
+    from ray._private.services import parse_address
+    from ray._private.utils import read_ray_address
+
+    recorded = read_ray_address()
+    parsed = parse_address(recorded) if recorded else None
+    if not parsed:
+        return None
+    try:
+        socket.create_connection((parsed[0], int(parsed[1])), timeout=2).close()
+        return None
+    except OSError:
+        return recorded
 
 
 def ray_logs_folder() -> str:

@@ -3,6 +3,9 @@ bad file anywhere in the train/val splits (not only the first)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +88,23 @@ def test_preflight_samples_a_large_set(folder_set, tiny_cfg, monkeypatch):
     from raysegtrain.data.splits import list_split
 
     assert {list_split(cfg.data, "train")[0], list_split(cfg.data, "val")[0]} <= set(read)
+
+
+def test_a_dead_cluster_left_by_ray_start_is_not_joined(tmp_path):
+    """ray.init() joins the cluster a `ray start` recorded on the machine and, when its head is gone, retries for
+    minutes; fit starts its own local Ray instead, and says so."""
+    import socket
+    import tempfile
+
+    raytmp = tempfile.mkdtemp(prefix="rsd")  # Ray's socket paths must stay short
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (Path(raytmp) / "ray").mkdir()
+    (Path(raytmp) / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+    code = ("from raysegtrain.ray_support import init_ray; import ray; init_ray(); "
+            "print('cpus', ray.cluster_resources()['CPU']); ray.shutdown()")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": raytmp}
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0 and "cpus" in p.stdout, p.stderr[-2000:]
+    assert f"(127.0.0.1:{port}) does not answer; starting a local Ray" in p.stderr
