@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import torch
 
-# auto compiles runs that train at least this many images. The rule assumes a warm compile cache (every run after
-# the first on a machine, or a shared cache): compiled U-Net/ResNet-34 512² saves ~0.45 ms an image on an H200 (791
-# vs 582 img/s), so a warm compile of ~5-15 s (a twentieth of a cold one where measured, docs/benchmarks.md) is
-# repaid after ~10-35k images; a cold one (73 s there) only after ~160k, so a machine's first compiled run of this
-# size may end up to a minute slower than eager
+# auto compiles runs that train at least this many images. Compiling saves a fixed time per image and costs a fixed
+# warm-up per run: small with a warm cache (every run after the first on those shapes, on a machine or a shared
+# cache), several times larger with a cold one. This threshold is repaid by a warm compile several times over and
+# costs a cold first run at most a fraction of a minute once; docs/benchmarks.md ("the compiled training step on one
+# H200") has the measured saving and warm-ups behind it
 AUTO_MIN_IMAGES = 40_000
 
 
