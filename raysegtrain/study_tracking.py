@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import mlflow_links, study_view, tracking
+from . import mlflow_links, preflight, study_view, tracking
 from .config import flatten
+from .errors import UserError
 from .redaction import redact_uri
 from .search_space import SearchSpace
 from .study_final import FINAL_TEST_FILE
@@ -183,6 +184,16 @@ class TrialRun(TrialProgress):
     history: list = field(default_factory=list)  # per epoch: the figures the curves plot
 
 
+def logged_config(cfg):
+    """CFG as a trial's run records it: `data.augment: auto` as the preset the trial's dataset resolves it to (its
+    train split's size, as fit records it), so that runs compare by what they trained. The split was listed before
+    the study started (tune.check_study); if it cannot be listed now, the run records `auto`."""
+    try:
+        return preflight.resolve_augment(cfg)
+    except (OSError, UserError):
+        return cfg
+
+
 class MLflowTrialLogger(TrialProgressCallback):
     """A Tune callback (in the driver) that writes each trial's child run under STUDY_RUN: opened (or, when a resumed
     study restarts the trial, found and reopened) as the trial starts, its metrics per report (and `startup_s`, from
@@ -294,7 +305,7 @@ class MLflowTrialLogger(TrialProgressCallback):
                 self._close_child(st, "KILLED")
 
     def _open_child(self, trial, st: TrialRun) -> str:
-        cfg = self.space.trial_config(trial.config)
+        cfg = logged_config(self.space.trial_config(trial.config))
         drawn = {k: st.params[k] for k in study_view.sampled_keys(self.space) if k in st.params}
         st.name = study_view.trial_run_name(trial_number(trial), study_view.number_width(self.space.num_samples),
                                             cfg.model.arch, cfg.model.encoder, drawn)

@@ -66,7 +66,8 @@ def trials_by_lr(result, uri: str) -> dict[float, dict]:
                              "actor_child_processes")}
         out[float(ch.data.params["optim.lr"])] = {  # the sampled value, logged once as the trial config's param
             "status": ch.info.status, "state": ch.data.tags["state"], "runtime": ch.data.tags[RUNTIME_TAG],
-            "name": ch.info.run_name, "trial": ch.data.tags[TRIAL_TAG], **history}
+            "name": ch.info.run_name, "trial": ch.data.tags[TRIAL_TAG], "augment": ch.data.params["data.augment"],
+            **history}
     return out
 
 
@@ -91,6 +92,8 @@ def test_warm_trials_share_actors_match_a_trainer_per_trial_and_survive_a_diverg
     w, c = trials_by_lr(warm, warm.tracking_uri), trials_by_lr(cold, cold.tracking_uri)
 
     assert {t["runtime"] for t in w.values()} == {"warm"} and {t["runtime"] for t in c.values()} == {"trainer"}
+    # data.augment: auto (the base leaves it unset), recorded as what the 12 training images resolve it to
+    assert {t["augment"] for t in (*w.values(), *c.values())} == {"light"}
     # trials A and B ran in one process, one after the other; the diverging trial came next, and failed
     pids = worker_pids(warm, w)
     assert pids[GOOD_A] == pids[GOOD_B] and len(pids[GOOD_A]) == 1
