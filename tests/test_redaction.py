@@ -345,7 +345,8 @@ def test_fit_with_credentials_in_the_tracking_uri_and_storage_url_writes_none_of
             assert state["config"]["tracking"]["tracking_uri"] == f"http://alice:***@127.0.0.1:{proxy.port}"
 
     # the checkpoint saved redacted still predicts: nothing in predict needs the credential
-    best = next(runs.glob("secret/checkpoint_*"))
+    # a checkpoint folder, not Ray's checkpoint_manager_snapshot.json beside them (glob order is the file system's)
+    best = next(p.parent for p in runs.glob("secret/checkpoint_*/checkpoint.pt"))
     assert main(["predict", str(best), str(_some_images(tmp_path)), "--out", str(tmp_path / "preds"), "--no-progress"]) == 0
     assert list((tmp_path / "preds").rglob("*.png"))
 
