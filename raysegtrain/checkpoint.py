@@ -43,9 +43,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint file, or DIRECTORY/checkpoint.pt, with `weights_only=True` (safe for untrusted files)."""
     p = Path(path)
     if p.is_dir():
+        inside = sorted(c.parent.name for c in p.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+        if not (p / CHECKPOINT_FILE).is_file() and inside:
+            raise UserError(f"{p} holds checkpoint folders, not a checkpoint: pass one of them ({', '.join(inside)})")
         p = p / CHECKPOINT_FILE
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}")
+    if not looks_like_torch_save(p):
+        raise UserError(f"{p} is not a checkpoint (not a file torch.save writes); a raysegtrain checkpoint is the "
+                        f"{CHECKPOINT_FILE} of a checkpoint_* folder, or that folder")
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
@@ -53,6 +59,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{p} is not a raysegtrain checkpoint (no 'model' entry)")
     return state
+
+
+def looks_like_torch_save(path: Path) -> bool:
+    """Whether PATH starts as torch.save's files do: a zip archive (the format since torch 1.6) or a pickle (the
+    legacy format). Anything else, a JSON or YAML file given by mistake, gets its own message, not the unpickler's."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def load_failure(err: BaseException) -> str:

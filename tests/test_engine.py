@@ -131,9 +131,19 @@ def test_checkpoint_loads_weights_only_and_rejects_garbage(tmp_path):
     save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 1}, tmp_path / "ok")
     assert load_checkpoint(tmp_path / "ok")["epoch"] == 1
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"\x80\x02 truncated pickle")
     with pytest.raises(UserError, match="cannot load checkpoint"):
         load_checkpoint(tmp_path / "bad")
+    # a file of another kind (Ray's checkpoint_manager_snapshot.json sits beside the checkpoint folders)
+    (tmp_path / "run" / "checkpoint_000001").mkdir(parents=True)
+    save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 1}, tmp_path / "run" / "checkpoint_000002")
+    (tmp_path / "run" / "checkpoint_manager_snapshot.json").write_text('{"checkpoints": []}')
+    with pytest.raises(UserError, match=r"checkpoint_manager_snapshot.json is not a checkpoint \(not a file torch"):
+        load_checkpoint(tmp_path / "run" / "checkpoint_manager_snapshot.json")
+    # a run's folder: its checkpoint folders are named (only those that hold a checkpoint)
+    with pytest.raises(UserError, match=r"holds checkpoint folders, not a checkpoint: pass one of them "
+                                        r"\(checkpoint_000002\)$"):
+        load_checkpoint(tmp_path / "run")
     with pytest.raises(UserError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing")
 

@@ -208,7 +208,7 @@ def test_bad_model_or_inputs_give_one_line_and_exit_2(checkpoint, val_pairs, tmp
     (tmp_path / "notes.txt").write_text("hello")
     cases = [
         ([tmp_path / "missing.pt", image], "missing.pt"),
-        ([garbage, image], "cannot load checkpoint"),
+        ([garbage, image], "garbage.pt is not a checkpoint (not a file torch.save writes)"),
         (["0123456789abcdef0123456789abcdef", image, "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"],
          "no MLflow store"),
         ([checkpoint, tmp_path / "nothing" / "*.png"], "no images found"),
