@@ -78,7 +78,7 @@ def worker_pids(result, trials: dict[float, dict]) -> dict[float, set[int]]:
     lr_of = {t["trial"]: lr for lr, t in trials.items()}
     out = {}
     for csv in Path(result.path).glob("*/progress.csv"):
-        df = pd.read_csv(csv)
+        df = pd.read_csv(csv, dtype={"trial_id": str})  # 8 hex digits may read as a number
         if len(df):
             out[lr_of[df["trial_id"].iloc[0]]] = set(df["worker_pid"].astype(int))
     return out
