@@ -43,9 +43,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint file, or DIRECTORY/checkpoint.pt, with `weights_only=True` (safe for untrusted files)."""
     p = Path(path)
     if p.is_dir():
-        inside = sorted(c.parent.name for c in p.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
-        if not (p / CHECKPOINT_FILE).is_file() and inside:
-            raise UserError(f"{p} holds checkpoint folders, not a checkpoint: pass one of them ({', '.join(inside)})")
+        if not (p / CHECKPOINT_FILE).is_file() and (run_folder := run_folder_message(p)):
+            raise UserError(run_folder)
         p = p / CHECKPOINT_FILE
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}")
@@ -59,6 +58,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"{p} is not a raysegtrain checkpoint (no 'model' entry)")
     return state
+
+
+def run_folder_message(folder: Path) -> str | None:
+    """The error for FOLDER given where a checkpoint was meant, when it is a run's folder (its checkpoint_*
+    subfolders hold the checkpoints): which of them to pass. None when FOLDER holds none."""
+    inside = sorted(c.parent.name for c in folder.glob(f"checkpoint_*/{CHECKPOINT_FILE}"))
+    if not inside:
+        return None
+    return f"{folder} holds checkpoint folders, not a checkpoint: pass one of them ({', '.join(inside)})"
 
 
 def looks_like_torch_save(path: Path) -> bool:
