@@ -86,13 +86,15 @@ def parse_run_reference(text: str) -> tuple[str | None, str | None]:
 
 
 def checkpoint_path(text: str) -> Path:
-    from .checkpoint import CHECKPOINT_FILE
+    from .checkpoint import CHECKPOINT_FILE, run_folder_message
 
     p = Path(text).expanduser()
     if p.is_dir():
         for candidate in (p / CHECKPOINT_FILE, p / "best" / CHECKPOINT_FILE):
             if candidate.is_file():
                 return candidate
+        if run_folder := run_folder_message(p):
+            raise ModelError(f"MODEL {run_folder}")
         raise ModelError(f"MODEL {text}: folder holds no {CHECKPOINT_FILE} (nor best/{CHECKPOINT_FILE})")
     if p.is_file():
         return p

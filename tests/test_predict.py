@@ -4,6 +4,7 @@ windows, TTA, post-processing, one-line errors, no overwriting, Ray Data batch i
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -206,7 +207,11 @@ def test_bad_model_or_inputs_give_one_line_and_exit_2(checkpoint, val_pairs, tmp
     corrupt.write_bytes(b"\x89PNG but not really")
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes.txt").write_text("hello")
+    run = tmp_path / "run"  # a run's folder given for one of its checkpoints
+    shutil.copytree(checkpoint, run / "checkpoint_000003")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
     cases = [
+        ([run, image], f"MODEL {run} holds checkpoint folders, not a checkpoint: pass one of them (checkpoint_000003)"),
         ([tmp_path / "missing.pt", image], "missing.pt"),
         ([garbage, image], "garbage.pt is not a checkpoint (not a file torch.save writes)"),
         (["0123456789abcdef0123456789abcdef", image, "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"],
